@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CNN, MLP, VIT
+
+from visdistill import Backbone, ConfigError, InputSpec, UnknownModelError
+
+
+@pytest.mark.parametrize(
+    "cfg, n_stages, last_grid",
+    [(CNN, 5, 1), (VIT, 2, 4), (MLP, 8, 2), (dict(name="convnext_atto", num_classes=10), 4, 1)],
+    ids=["cnn", "vit", "mlp", "convnext"],
+)
+def test_stages_are_nchw_and_match_feature_info(cfg, n_stages, last_grid, batch):
+    model = Backbone(**cfg)
+    # Known before any forward pass, so projectors can be built at construction.
+    assert len(model.feature_info) == n_stages
+    out = model(batch, stages=(0, -1), pooled=True)
+    assert out.logits.shape == (2, 10)
+    assert out.pooled.shape == (2, model.num_features)
+    assert set(out.stages) == {0, -1}  # only what was asked for
+    for idx, feat in out.stages.items():
+        info = model.feature_info[idx]
+        assert feat.ndim == 4 and feat.shape[1] == info["num_chs"]
+        assert feat.shape[-1] == 32 // info["reduction"]
+    assert out.stages[-1].shape[-1] == last_grid
+
+
+def test_plain_forward_computes_no_features(batch):
+    out = Backbone(**CNN)(batch)
+    assert out.stages == {} and out.pooled is None
+
+
+def test_stage_logits_equal_plain_logits(batch):
+    model = Backbone(**VIT).eval()
+    assert torch.allclose(model(batch).logits, model(batch, stages=(1,)).logits, atol=1e-5)
+
+
+def test_vit_prefix_tokens_on_request(batch):
+    out = Backbone(**VIT)(batch, stages=(1,), prefix_tokens=True)
+    assert out.prefix_tokens[1].shape == (2, 1, 192)
+    assert out.stages[1].shape == (2, 192, 4, 4)
+
+
+def test_input_spec_defaults_follow_the_model():
+    vit = Backbone(**VIT)
+    assert vit.input_spec.size == (32, 32)  # fixed img_size of the ViT
+    assert vit.input_spec.mean == (0.5, 0.5, 0.5)  # from timm's pretrained_cfg
+    cnn = Backbone(**CNN)
+    assert cnn.input_spec.size is None  # convolutional: runs at the data's size
+    assert cnn.input_spec.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_preprocess_resizes_and_normalises():
+    model = Backbone(**CNN, input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.rand(2, 3, 32, 32)
+    expected = (
+        F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True) - 0.5
+    ) / 0.25
+    spec = InputSpec(size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bicubic")
+    assert torch.allclose(spec.apply(x), expected)
+    assert model.preprocess(x).shape == (2, 3, 16, 16)
+
+
+def test_grayscale_model_averages_channels():
+    model = Backbone(name="resnet10t", num_classes=10, in_chans=1)
+    x = torch.rand(2, 3, 32, 32)
+    y = model.preprocess(x)
+    assert y.shape == (2, 1, 32, 32)
+    spec = model.input_spec
+    assert torch.allclose(y, (x.mean(1, keepdim=True) - spec.mean[0]) / spec.std[0])
+    assert model(x).logits.shape == (2, 10)
+
+
+def test_unknown_model_name_lists_close_matches():
+    with pytest.raises(UnknownModelError, match="resnet18") as e:
+        Backbone("resnet181")
+    assert "Did you mean" in str(e.value)
+
+
+def test_bad_stage_lists_available_stages():
+    with pytest.raises(ConfigError, match=r"available stages: 0: act1"):
+        Backbone(**CNN).check_stages((7,))
+
+
+def test_rejected_model_kwargs_are_explained():
+    with pytest.raises(ConfigError, match="model_kwargs"):
+        Backbone("mixer_s16_224", model_kwargs=dict(patch_size=4))
+
+
+def test_bad_input_spec():
+    with pytest.raises(ConfigError, match="std must be positive"):
+        InputSpec(std=(0.0, 1.0, 1.0))
+    with pytest.raises(ConfigError, match="3 values"):
+        InputSpec(mean=(0.5,))

@@ -1,0 +1,112 @@
+"""The ``visdistill`` command.
+
+``fit | validate | test | predict`` are LightningCLI subcommands (typed YAML with
+``class_path``/``init_args``, ``--print_config``); ``export`` writes a trained student
+as a plain timm model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data.base import VisionDataModule
+from .errors import VisdistillError
+from .module import DistillationModule
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+HELP = """usage: visdistill <command> [options]
+
+Distil timm teachers into a timm student.
+
+commands:
+  fit        train (LightningCLI): visdistill fit --config configs/quickstart.yaml
+  validate   evaluate on the validation split (LightningCLI)
+  test       evaluate on the test split (LightningCLI)
+  predict    run the student on the test split (LightningCLI)
+  export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
+
+`visdistill <command> --help` for a command's options.
+"""
+
+
+class VisdistillCLI(LightningCLI):
+    """LightningCLI with visdistill's defaults: best/last checkpoints, optional test after fit."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="after `fit`, evaluate the best checkpoint (by val/acc) on the test split",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True
+            )
+
+
+def lightning_main(args: list[str] | None) -> VisdistillCLI:
+    """Run a LightningCLI subcommand; ``args=None`` reads ``sys.argv``."""
+    checkpoint = ModelCheckpoint(
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        filename="best",
+        enable_version_counter=False,  # predictable paths: <run>/checkpoints/{best,last}.ckpt
+    )
+    return VisdistillCLI(
+        DistillationModule,
+        VisionDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={"callbacks": [checkpoint]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def export_main(args: list[str]) -> None:
+    from .export import export_student
+
+    parser = argparse.ArgumentParser(
+        prog="visdistill export",
+        description="Export the student of a `visdistill fit` checkpoint as a timm model folder "
+        "(model.safetensors + config.json), loadable with "
+        "timm.create_model('local-dir:<out>', pretrained=True).",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by `visdistill fit`")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--input-size", type=int, default=None, help="input side to record")
+    ns = parser.parse_args(args)
+    out = export_student(ns.checkpoint, ns.out, dtype=ns.dtype, input_size=ns.input_size)
+    print(f"exported student to {out}/model.safetensors and {out}/config.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(HELP)
+        return
+    command, rest = args[0], args[1:]
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_main(None if argv is None else args)
+        elif command == "export":
+            export_main(rest)
+        else:
+            print(f"visdistill: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+            raise SystemExit(2)
+    except VisdistillError as e:
+        # Our errors already say what is wrong and how to fix it: no traceback needed.
+        print(f"visdistill {command}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

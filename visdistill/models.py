@@ -1,0 +1,295 @@
+"""Backbone: one timm model with its own input preprocessing and feature taps.
+
+Every model in visdistill (student or teacher) is a :class:`Backbone`. It receives
+the *canonical* batch, ``(B, 3, H, W)`` floats in ``[0, 1]`` and un-normalised, and
+adapts it itself (resize, channels, mean/std) according to its :class:`InputSpec`.
+That is what lets a ViT teacher at 224 px with ``(0.5, 0.5, 0.5)`` statistics and a
+CNN student at 32 px with ImageNet statistics take the same batch.
+
+Intermediate features come from timm's ``forward_intermediates`` (timm >= 1.0): only
+the requested stage indices are kept, and every stage is returned as NCHW (ViT and
+MLP tokens are reshaped to their patch grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoints import load_state_dict_file, load_weights_into
+from .errors import ConfigError, UnknownModelError, close_matches
+
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model wants its input.
+
+    Args:
+        size: ``(H, W)`` the model runs at; ``None`` keeps the data's size
+            (fine for fully convolutional models).
+        mean, std: per-channel normalisation applied after resizing.
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (``"nearest"`` also works).
+        in_chans: 3, or 1 for grayscale models (the canonical RGB batch is averaged).
+    """
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ConfigError(
+                f"InputSpec mean {self.mean} and std {self.std} need {self.in_chans} values "
+                f"(one per input channel)"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"InputSpec std must be positive, got {self.std}")
+        if self.in_chans not in (1, 3):
+            raise ConfigError(
+                f"in_chans must be 1 or 3 (canonical batches are RGB), got {self.in_chans}"
+            )
+
+    def apply(self, x: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """Adapt a canonical ``(B, 3, H, W)`` batch in ``[0, 1]`` to this spec."""
+        if self.size is not None and tuple(x.shape[-2:]) != tuple(self.size):
+            shrinking = x.shape[-1] > self.size[1] or x.shape[-2] > self.size[0]
+            align = None if self.interpolation == "nearest" else False
+            x = F.interpolate(
+                x,
+                size=self.size,
+                mode=self.interpolation,
+                align_corners=align,
+                antialias=shrinking and self.interpolation != "nearest",
+            )
+        if self.in_chans == 1 and x.shape[1] == 3:
+            x = x.mean(dim=1, keepdim=True)
+        if mean is None:
+            mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass
+class ModelOutput:
+    """What a :class:`Backbone` returns.
+
+    Attributes:
+        logits: ``(B, K)``.
+        pooled: ``(B, D)`` pre-logits features, only when asked for.
+        stages: ``{stage index: (B, C, h, w)}`` for the requested stages.
+        prefix_tokens: ``{stage index: (B, P, C)}`` class/register tokens of ViT-like
+            models, only when asked for.
+    """
+
+    logits: Tensor
+    pooled: Tensor | None = None
+    stages: dict[int, Tensor] = field(default_factory=dict)
+    prefix_tokens: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A model as a user names it in YAML; see :class:`Backbone` for the fields."""
+
+    name: str
+    num_classes: int | None = None
+    pretrained: bool = False
+    checkpoint: str | None = None
+    input_size: int | tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    in_chans: int = 3
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownModelError` with close matches if timm does not know ``name``."""
+    if name.startswith(_HUB_PREFIXES) or timm.is_model(name):
+        return
+    base = name.split(".")[0]  # "resnet18.a1_in1k" -> "resnet18"
+    if timm.is_model(base):
+        return
+    hints = close_matches(base, timm.list_models())
+    hint = f" Did you mean: {', '.join(hints)}?" if hints else ""
+    raise UnknownModelError(
+        f"unknown timm model {name!r}.{hint} `timm.list_models('*pattern*')` lists all names."
+    )
+
+
+class Backbone(nn.Module):
+    """A timm classifier that preprocesses its own input and exposes stage features.
+
+    Args:
+        name: any ``timm.create_model`` name (``resnet18``, ``hf-hub:timm/...``,
+            ``local-dir:/path``).
+        num_classes: classifier width; ``None`` keeps timm's default.
+        pretrained: load timm's default weights (hub or cache).
+        checkpoint: a local ``.safetensors`` or torch state dict to load (wins over
+            ``pretrained``); ``module.``/``model.`` prefixes are stripped.
+        input_size: side (or ``(H, W)``) the model runs at. Default: the model's fixed
+            ``img_size`` for ViT/MLP models, else the data's own size.
+        mean, std, interpolation: default from timm's ``pretrained_cfg``.
+        in_chans: 3, or 1 for grayscale models.
+        model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
+            ``depth``, ``drop_path_rate`` ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int | None = None,
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        input_size: int | tuple[int, int] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        interpolation: str | None = None,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        check_model_name(name)
+        self.name = name
+        self.model_kwargs = dict(model_kwargs or {})
+        kwargs = dict(self.model_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if in_chans != 3:
+            kwargs["in_chans"] = in_chans
+        try:
+            self.model = timm.create_model(
+                name, pretrained=pretrained and checkpoint is None, **kwargs
+            )
+        except TypeError as e:
+            raise ConfigError(
+                f"timm.create_model({name!r}) rejected model_kwargs {self.model_kwargs}: {e}. "
+                "Some kwargs are fixed by the named variant; choose a variant that differs only "
+                "in what you override."
+            ) from e
+        if checkpoint is not None:
+            load_weights_into(self.model, load_state_dict_file(checkpoint), source=checkpoint)
+        self.checkpoint = checkpoint
+        self.input_spec = self._resolve_input_spec(input_size, mean, std, interpolation, in_chans)
+        self.register_buffer(
+            "_mean", torch.tensor(self.input_spec.mean).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "_std", torch.tensor(self.input_spec.std).view(1, -1, 1, 1), persistent=False
+        )
+        self.feature_info: list[dict[str, Any]] = [
+            dict(num_chs=f["num_chs"], reduction=f["reduction"], module=f["module"])
+            for f in getattr(self.model, "feature_info", [])
+        ]
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Backbone:
+        """Build from a :class:`ModelConfig` (what YAML files hold)."""
+        return cls(**asdict(config))
+
+    def _resolve_input_spec(self, input_size, mean, std, interpolation, in_chans) -> InputSpec:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        if input_size is None:
+            fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+            if fixed is not None and getattr(self.model.patch_embed, "strict_img_size", True):
+                input_size = tuple(fixed)
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        in_chans_default = (0.5,) * in_chans
+        mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", in_chans_default))
+        std = tuple(std) if std is not None else tuple(cfg.get("std", in_chans_default))
+        if in_chans == 1 and len(mean) == 3:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        interpolation = interpolation or cfg.get("interpolation", "bilinear")
+        return InputSpec(
+            size=tuple(input_size) if input_size is not None else None,
+            mean=mean,
+            std=std,
+            interpolation=interpolation,
+            in_chans=in_chans,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of ``pooled`` (pre-logits) features."""
+        return getattr(self.model, "head_hidden_size", None) or self.model.num_features
+
+    def check_stages(self, stages: tuple[int, ...] | list[int]) -> None:
+        """Raise a :class:`ConfigError` naming the valid stages if any index is out of range."""
+        if not stages:
+            return
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ConfigError(
+                f"{self.name} has no forward_intermediates in timm, so its stage features "
+                "cannot be tapped; choose another architecture or request no stages"
+            )
+        n = len(self.feature_info)
+        bad = [s for s in stages if not -n <= s < n]
+        if bad:
+            listing = ", ".join(
+                f"{i}: {f['module']} ({f['num_chs']} ch, /{f['reduction']})"
+                for i, f in enumerate(self.feature_info)
+            )
+            raise ConfigError(f"{self.name} has no stage(s) {bad}; available stages: {listing}")
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Canonical ``(B, 3, H, W)`` in ``[0, 1]`` -> this model's input."""
+        return self.input_spec.apply(x, self._mean.to(x.dtype), self._std.to(x.dtype))
+
+    def forward(
+        self,
+        x: Tensor,
+        stages: tuple[int, ...] | list[int] = (),
+        pooled: bool = False,
+        prefix_tokens: bool = False,
+        preprocessed: bool = False,
+    ) -> ModelOutput:
+        """Run the model on a canonical batch.
+
+        Args:
+            x: ``(B, 3, H, W)`` in ``[0, 1]`` (or already preprocessed with
+                ``preprocessed=True``).
+            stages: stage indices into ``feature_info``; only these are kept.
+            pooled: also return ``(B, D)`` pre-logits features.
+            prefix_tokens: also return class/register tokens (ViT-like models).
+        """
+        if not preprocessed:
+            x = self.preprocess(x)
+        out_stages: dict[int, Tensor] = {}
+        out_prefix: dict[int, Tensor] = {}
+        if stages:
+            n = len(self.feature_info)
+            indices = sorted({s % n for s in stages})
+            kwargs = {"return_prefix_tokens": True} if prefix_tokens else {}
+            final, inter = self.model.forward_intermediates(x, indices=indices, **kwargs)
+            for s in stages:
+                feat = inter[indices.index(s % n)]
+                if prefix_tokens:
+                    feat, out_prefix[s] = feat
+                out_stages[s] = feat
+        else:
+            final = self.model.forward_features(x)
+        logits = self.model.forward_head(final)
+        pre = self.model.forward_head(final, pre_logits=True) if pooled else None
+        return ModelOutput(logits=logits, pooled=pre, stages=out_stages, prefix_tokens=out_prefix)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, input_spec={self.input_spec}"
+
+
+def create_backbone(name: str, **kwargs: Any) -> Backbone:
+    """``timm.create_model`` for visdistill: returns a :class:`Backbone`."""
+    return Backbone(name, **kwargs)

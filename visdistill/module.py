@@ -1,0 +1,225 @@
+"""DistillationModule: a student, 0..N frozen teachers and a list of distillation terms."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .distillers.base import DistillTerm
+from .errors import ConfigError
+from .models import Backbone, ModelConfig, ModelOutput
+from .teachers import TeacherEnsemble, ensemble_probs
+
+# Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
+    return value if isinstance(value, ModelConfig) else ModelConfig(**value)
+
+
+class DistillationModule(L.LightningModule):
+    """Train a timm student, optionally distilling from frozen timm teachers.
+
+    The loss is ``ce_weight * CE(student, labels) + sum_t t.weight * sum(t(...).values())``.
+    With no teachers it is plain supervised training (teacher recipes, no-KD baselines).
+
+    Args:
+        student: the model to train (:class:`ModelConfig` or an equivalent dict).
+        teachers: frozen teachers, each with its own input spec and weights.
+        terms: distillation terms (e.g. ``KD``); each needs at least one teacher.
+        ce_weight: weight of the hard-label cross-entropy.
+        label_smoothing: label smoothing of that cross-entropy.
+        optimizer: callable ``params -> Optimizer`` (LightningCLI ``class_path``).
+        scheduler: optional callable ``optimizer -> LRScheduler``.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+        eval_teachers: report each teacher's and the ensemble's accuracy in validation
+            (computed on the first validation epoch only: frozen teachers do not change)
+            and test.
+    """
+
+    def __init__(
+        self,
+        student: ModelConfig,
+        teachers: list[ModelConfig] | None = None,
+        terms: list[DistillTerm] | None = None,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        eval_teachers: bool = True,
+    ) -> None:
+        super().__init__()
+        student_cfg = _as_config(student)
+        teacher_cfgs = [_as_config(t) for t in teachers or []]
+        # Plain types only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "student": asdict(student_cfg),
+                "teachers": [asdict(t) for t in teacher_cfgs],
+                "ce_weight": ce_weight,
+                "label_smoothing": label_smoothing,
+            }
+        )
+        self.student = Backbone.from_config(student_cfg)
+        self.teachers = TeacherEnsemble(teacher_cfgs) if teacher_cfgs else None
+        self.terms = nn.ModuleList(terms or [])
+        if self.terms and self.teachers is None:
+            names = ", ".join(type(t).__name__ for t in self.terms)
+            raise ConfigError(
+                f"distillation terms ({names}) need teachers, but none are configured"
+            )
+        if self.teachers is not None and self.teachers.num_classes != self.student.num_classes:
+            raise ConfigError(
+                f"teachers predict {self.teachers.num_classes} classes but the student "
+                f"{self.student.name} predicts {self.student.num_classes}; set num_classes "
+                "to the same value for all models"
+            )
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(
+                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+            )
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval, self.eval_teachers = scheduler_interval, eval_teachers
+
+        self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
+        self.teacher_stages = tuple(sorted({s for t in self.terms for s in t.teacher_stages}))
+        self.needs_pooled = any(t.needs_pooled for t in self.terms)
+        self.student.check_stages(self.student_stages)
+        for teacher in self.teachers or []:
+            teacher.check_stages(self.teacher_stages)
+        for term in self.terms:
+            term.setup(self.student, list(self.teachers or []))
+
+        k = self.student.num_classes
+        self.train_acc = MulticlassAccuracy(k, average="micro")
+        self.val_acc = MulticlassAccuracy(k, average="micro")
+        self.test_acc = MulticlassAccuracy(k, average="micro")
+        n_teachers = len(self.teachers) if self.teachers is not None else 0
+        # One metric per teacher plus the ensemble; shared by val (first epoch) and test.
+        self.teacher_acc = nn.ModuleList(
+            MulticlassAccuracy(k, average="micro") for _ in range(n_teachers + (n_teachers > 1))
+        )
+        self._teacher_val_scores: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> Tensor:
+        """Student logits ``(B, K)`` for a canonical batch ``(B, 3, H, W)`` in ``[0, 1]``."""
+        return self.student(images).logits
+
+    def compute_losses(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
+        """Total loss, its named components and the student's output for one batch."""
+        images, target = batch["image"], batch["target"]
+        student_out = self.student(images, stages=self.student_stages, pooled=self.needs_pooled)
+        parts = {
+            "ce": F.cross_entropy(student_out.logits, target, label_smoothing=self.label_smoothing)
+        }
+        total = self.ce_weight * parts["ce"]
+        if self.terms:
+            teacher_outs = self.teachers(
+                images, stages=self.teacher_stages, pooled=self.needs_pooled
+            )
+            for term in self.terms:
+                term_parts = term(student_out, teacher_outs, target)
+                for key, value in term_parts.items():
+                    parts[f"{term.name}/{key}" if key != term.name else key] = value
+                total = total + term.weight * sum(term_parts.values())
+        return total, parts, student_out
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        total, parts, out = self.compute_losses(batch)
+        self.train_acc(out.logits, batch["target"])
+        n = len(batch["target"])
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images, target = batch["image"], batch["target"]
+        logits = self.student(images).logits
+        self.val_acc(logits, target)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, target), batch_size=len(target))
+        if self._teachers_scored_this_epoch():
+            self._update_teacher_acc(images, target)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._teachers_scored_this_epoch():
+            self._teacher_val_scores = self._compute_teacher_acc()
+        for name, value in (self._teacher_val_scores or {}).items():
+            self.log(f"val/{name}_acc", value)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images, target = batch["image"], batch["target"]
+        self.test_acc(self.student(images).logits, target)
+        self.log("test/acc", self.test_acc)
+        if self.eval_teachers and self.teachers is not None:
+            self._update_teacher_acc(images, target)
+
+    def on_test_epoch_end(self) -> None:
+        if self.eval_teachers and self.teachers is not None:
+            for name, value in self._compute_teacher_acc().items():
+                self.log(f"test/{name}_acc", value)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        probs = self.student(batch["image"]).logits.softmax(-1)
+        return {"index": batch["index"], "probs": probs, "pred": probs.argmax(-1)}
+
+    # ------------------------------------------------------------------ teachers' scores
+    def _teachers_scored_this_epoch(self) -> bool:
+        return (
+            self.eval_teachers
+            and self.teachers is not None
+            and self._teacher_val_scores is None
+            and not (self._trainer is not None and self.trainer.sanity_checking)
+        )
+
+    def _update_teacher_acc(self, images: Tensor, target: Tensor) -> None:
+        outs = self.teachers(images)
+        for metric, out in zip(self.teacher_acc, outs, strict=False):
+            metric.update(out.logits, target)
+        if len(outs) > 1:
+            self.teacher_acc[-1].update(ensemble_probs(outs), target)
+
+    def _compute_teacher_acc(self) -> dict[str, float]:
+        scores = {}
+        for i, metric in enumerate(self.teacher_acc):
+            name = "ensemble" if i == len(self.teachers) else f"teacher{i}"
+            scores[name] = float(metric.compute())
+            metric.reset()
+        return scores
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    def on_fit_start(self) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if data_classes and data_classes != self.student.num_classes:
+            raise ConfigError(
+                f"the data has {data_classes} classes but the student predicts "
+                f"{self.student.num_classes}; set model.student.num_classes (and each "
+                f"teacher's) to {data_classes}"
+            )

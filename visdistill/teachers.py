@@ -1,0 +1,117 @@
+"""Frozen teachers: each a :class:`~visdistill.models.Backbone` that never trains.
+
+A teacher's parameters have ``requires_grad=False``, ``train()`` cannot take it out of
+eval mode (BatchNorm statistics and dropout stay fixed while the student trains), and
+its outputs are produced under ``torch.no_grad()``. Not ``inference_mode``: its tensors
+cannot be saved for the backward pass of the student's losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .models import Backbone, InputSpec, ModelConfig, ModelOutput
+
+
+class Teacher(Backbone):
+    """A :class:`Backbone` frozen by construction (same arguments)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Lightning calls .train() on the whole LightningModule every epoch.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, *args, **kwargs) -> ModelOutput:
+        return super().forward(x, *args, **kwargs)
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers sharing one canonical batch.
+
+    Teachers whose :class:`InputSpec` is identical share one preprocessed input, so
+    three teachers at the same resolution resize and normalise once.
+
+    Args:
+        teachers: :class:`Teacher` modules, or :class:`ModelConfig`s to build them from.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher | ModelConfig]) -> None:
+        super().__init__()
+        built = [t if isinstance(t, Teacher) else Teacher.from_config(t) for t in teachers]
+        self.teachers = nn.ModuleList(built)
+        classes = {t.num_classes for t in built}
+        if len(classes) > 1:
+            listing = ", ".join(f"{t.name}: {t.num_classes}" for t in built)
+            raise ConfigError(
+                f"teachers disagree on num_classes ({listing}); all must predict the same classes"
+            )
+
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    def __iter__(self):
+        return iter(self.teachers)
+
+    def __getitem__(self, i: int) -> Teacher:
+        return self.teachers[i]
+
+    @property
+    def num_classes(self) -> int:
+        return self.teachers[0].num_classes
+
+    @torch.no_grad()
+    def forward(
+        self,
+        x: Tensor,
+        stages: Sequence[tuple[int, ...]] | tuple[int, ...] = (),
+        pooled: bool = False,
+    ) -> list[ModelOutput]:
+        """Run every teacher on the canonical batch ``x`` ``(B, 3, H, W)``.
+
+        Args:
+            stages: one tuple of stage indices for all teachers, or one tuple per teacher.
+            pooled: also return each teacher's ``(B, D)`` pre-logits features.
+        """
+        per_teacher = _per_teacher(stages, len(self.teachers))
+        prepared: dict[InputSpec, Tensor] = {}
+        outputs = []
+        for teacher, s in zip(self.teachers, per_teacher, strict=True):
+            spec = teacher.input_spec
+            if spec not in prepared:
+                prepared[spec] = teacher.preprocess(x)
+            outputs.append(teacher(prepared[spec], stages=s, pooled=pooled, preprocessed=True))
+        return outputs
+
+
+def ensemble_probs(
+    outputs: Sequence[ModelOutput], temperature: float = 1.0, weights: Tensor | None = None
+) -> Tensor:
+    """Average of the teachers' ``softmax(z / T)``, ``(B, K)``.
+
+    Args:
+        weights: optional per-sample teacher weights ``(B, M)`` that sum to 1 over ``M``;
+            uniform when omitted (MEAL V2 / Hinton ensemble target).
+    """
+    probs = torch.stack([(o.logits.float() / temperature).softmax(-1) for o in outputs], dim=1)
+    if weights is None:
+        return probs.mean(dim=1)
+    return (weights.unsqueeze(-1) * probs).sum(dim=1)
+
+
+def _per_teacher(stages, n: int) -> list[tuple[int, ...]]:
+    if not stages:
+        return [()] * n
+    if all(isinstance(s, int) for s in stages):
+        return [tuple(stages)] * n
+    if len(stages) != n:
+        raise ConfigError(f"got stage lists for {len(stages)} teachers, but there are {n}")
+    return [tuple(s) for s in stages]
