@@ -44,6 +44,12 @@ class VisdistillCLI(LightningCLI):
             help="after `fit`, evaluate the best checkpoint (by val/acc) on the test split",
         )
 
+    def before_instantiate_classes(self) -> None:
+        # Our checkpoints hold only tensors and plain types: never unpickle code on resume.
+        config = self.config[self.subcommand]
+        if "weights_only" in config and config["weights_only"] is None:
+            config["weights_only"] = True
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(
@@ -53,18 +59,17 @@ class VisdistillCLI(LightningCLI):
 
 def lightning_main(args: list[str] | None) -> VisdistillCLI:
     """Run a LightningCLI subcommand; ``args=None`` reads ``sys.argv``."""
-    checkpoint = ModelCheckpoint(
-        monitor="val/acc",
-        mode="max",
-        save_last=True,
-        filename="best",
-        enable_version_counter=False,  # predictable paths: <run>/checkpoints/{best,last}.ckpt
+    # Two callbacks: Lightning 2.6 writes save_last only on epochs that improve the best
+    # checkpoint, but resuming needs the latest epoch every time.
+    best = ModelCheckpoint(
+        monitor="val/acc", mode="max", filename="best", enable_version_counter=False
     )
+    last = ModelCheckpoint(monitor=None, filename="last", enable_version_counter=False)
     return VisdistillCLI(
         DistillationModule,
         VisionDataModule,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [checkpoint]},
+        trainer_defaults={"callbacks": [best, last]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )
