@@ -76,3 +76,18 @@ def test_truncated_file_is_a_clear_error(tmp_path, model):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_state_dict_file(path)
+
+
+def test_pretrained_true_goes_through_timms_loader(tmp_path, model):
+    """`pretrained: true` uses timm's own loading (hub, cache or a pretrained_cfg file)."""
+    path = tmp_path / "w.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    overlay = {"file": str(path), "num_classes": 10}
+    loaded = Backbone(
+        "resnet10t",
+        num_classes=10,
+        pretrained=True,
+        model_kwargs={"pretrained_cfg_overlay": overlay},
+    ).model
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)

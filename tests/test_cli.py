@@ -13,6 +13,7 @@ CONFIG = {
         "limit_train_batches": 2,
         "limit_val_batches": 1,
         "limit_test_batches": 1,
+        "limit_predict_batches": 1,
         "accelerator": "cpu",
         "enable_progress_bar": False,
         "enable_model_summary": False,

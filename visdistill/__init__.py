@@ -1,5 +1,6 @@
 """visdistill: multi-teacher and cross-architecture knowledge distillation for timm models."""
 
+from .callbacks import PredictionWriter
 from .checkpoints import load_state_dict_file, load_weights_into
 from .data import (
     CIFARDataModule,
@@ -39,6 +40,7 @@ __all__ = [
     "InputSpec",
     "ModelConfig",
     "ModelOutput",
+    "PredictionWriter",
     "Teacher",
     "TeacherEnsemble",
     "UnknownModelError",

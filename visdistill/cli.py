@@ -13,6 +13,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import PredictionWriter
 from .data.base import VisionDataModule
 from .errors import VisdistillError
 from .module import DistillationModule
@@ -26,7 +27,7 @@ commands:
   fit        train (LightningCLI): visdistill fit --config configs/quickstart.yaml
   validate   evaluate on the validation split (LightningCLI)
   test       evaluate on the test split (LightningCLI)
-  predict    run the student on the test split (LightningCLI)
+  predict    run the student on the test split, write predictions.csv (LightningCLI)
   export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
 
 `visdistill <command> --help` for a command's options.
@@ -69,7 +70,7 @@ def lightning_main(args: list[str] | None) -> VisdistillCLI:
         DistillationModule,
         VisionDataModule,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [best, last]},
+        trainer_defaults={"callbacks": [best, last, PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

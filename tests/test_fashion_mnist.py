@@ -1,0 +1,73 @@
+"""Checks on the real embedded data set and the shipped Fashion-MNIST teachers."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from visdistill import (
+    DistillationModule,
+    FashionMNISTDataModule,
+    ModelConfig,
+    TeacherEnsemble,
+    ensemble_probs,
+)
+from visdistill.data import fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    not fashion_mnist.DEBIAN_DIR.exists(), reason="Debian dataset-fashion-mnist not installed"
+)
+
+
+def quickstart_teachers() -> list[ModelConfig]:
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    teachers = [ModelConfig(**t) for t in config["model"]["teachers"]]
+    for t in teachers:
+        t.checkpoint = str(ROOT / t.checkpoint)
+    return teachers
+
+
+def test_shipped_teachers_are_accurate_on_the_test_set():
+    """The three shipped teachers and their ensemble on 2,000 test images (seeded subset)."""
+    ensemble = TeacherEnsemble(quickstart_teachers())
+    data = FashionMNISTDataModule(test_subset=2000, batch_size=250)
+    data.setup("test")
+    correct = torch.zeros(len(ensemble) + 1)
+    for batch in data.test_dataloader():
+        outs = ensemble(batch["image"])
+        preds = [o.logits.argmax(-1) for o in outs] + [ensemble_probs(outs).argmax(-1)]
+        correct += torch.tensor(
+            [(p == batch["target"]).sum().item() for p in preds], dtype=torch.float
+        )
+    accuracy = correct / 2000
+    assert (accuracy > 0.85).all(), accuracy  # chance is 0.10
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_short_run_beats_chance_by_far(tmp_path):
+    """The quickstart's module on a 5k subset for 2 epochs (about 2 minutes on 2 cores)."""
+    torch.manual_seed(0)
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["model"]
+    from visdistill import KD
+
+    module = DistillationModule(
+        student=ModelConfig(**config["student"]),
+        teachers=quickstart_teachers(),
+        terms=[KD(temperature=4.0)],
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+    data = FashionMNISTDataModule(train_subset=5000, val_split=1000, test_subset=2000)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    result = trainer.test(module, data, verbose=False)[0]
+    assert result["test/acc"] > 0.7
