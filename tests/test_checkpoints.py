@@ -91,3 +91,16 @@ def test_pretrained_true_goes_through_timms_loader(tmp_path, model):
     ).model
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_unreachable_pretrained_weights_are_explained(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    with pytest.raises(
+        CheckpointError, match=r"pretrained weights for 'resnet10t'.*checkpoint: <file>"
+    ):
+        Backbone("resnet10t", pretrained=True)

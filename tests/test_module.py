@@ -80,6 +80,7 @@ def test_baseline_fit_and_export_loads_in_plain_timm(tmp_path):
     trainer.save_checkpoint(ckpt)
     out = export_student(ckpt, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").stat().st_mode & 0o044  # readable by others, not 0600
     assert config["architecture"] == "resnet10t" and config["pretrained_cfg"]["input_size"] == [
         3,
         32,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import load_state_dict_file, load_weights_into
-from .errors import ConfigError, UnknownModelError, close_matches
+from .errors import CheckpointError, ConfigError, UnknownModelError, close_matches
 
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
 
@@ -175,6 +175,15 @@ class Backbone(nn.Module):
                 f"timm.create_model({name!r}) rejected model_kwargs {self.model_kwargs}: {e}. "
                 "Some kwargs are fixed by the named variant; choose a variant that differs only "
                 "in what you override."
+            ) from e
+        except Exception as e:
+            if not (pretrained and checkpoint is None):
+                raise
+            # Hub/network/cache failures surface from deep inside huggingface_hub.
+            raise CheckpointError(
+                f"could not load timm's pretrained weights for {name!r}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. Offline? Download them elsewhere and "
+                "set `checkpoint: <file>`, or point HF_HOME at a cache that has them."
             ) from e
         if checkpoint is not None:
             load_weights_into(self.model, load_state_dict_file(checkpoint), source=checkpoint)
