@@ -53,8 +53,11 @@ class VisdistillCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
+            # The first callback is the best-by-val/acc one; without validation there is no
+            # best checkpoint and the final weights are tested.
+            best = self.trainer.checkpoint_callback.best_model_path or None
             self.trainer.test(
-                self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True
+                self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True
             )
 
 
