@@ -1,0 +1,175 @@
+"""What every visdistill DataModule shares.
+
+Batches are dicts ``{"image": (B, 3, H, W) float in [0, 1], "target": (B,) int64,
+"index": (B,) int64}``. Images are *canonical*: 3 channels, un-normalised; every
+model normalises for itself. ``index`` is the sample's position in the full source
+split, so it stays the same whatever subset or validation carve-out is used (caches
+key on it).
+
+The validation split is carved from the training set with a seeded permutation:
+model selection never looks at the test set.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from ..errors import ConfigError
+
+
+def split_indices(
+    n: int, val_split: int | float, seed: int, train_subset: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Seeded ``(train_idx, val_idx)`` over ``range(n)``.
+
+    Args:
+        val_split: a fraction when below 1 (``0.1`` = 10 %), else a count of samples held
+            out for validation.
+        train_subset: keep only this many training samples (fast runs).
+    """
+    n_val = int(round(val_split * n)) if val_split < 1 else int(val_split)
+    if not 0 <= n_val < n:
+        raise ConfigError(f"val_split={val_split} leaves no training data out of {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if train_subset is not None:
+        if train_subset <= 0:
+            raise ConfigError(f"train_subset must be positive, got {train_subset}")
+        train_idx = train_idx[:train_subset]
+    return train_idx.sort().values, val_idx.sort().values
+
+
+def subset(n: int, limit: int | None, seed: int) -> Tensor:
+    """All of ``range(n)``, or a seeded random ``limit`` of it (sorted)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images ``(N, C, H, W)`` served as canonical float dict samples."""
+
+    def __init__(
+        self, images: Tensor, targets: Tensor, indices: Tensor, transform: v2.Transform | None = None
+    ) -> None:
+        self.images, self.targets, self.indices = images, targets, indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        j = int(self.indices[i])
+        img = self.images[j]
+        if self.transform is not None:
+            img = self.transform(img)
+        img = img.float().div_(255)
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        return {"image": img, "target": self.targets[j], "index": torch.tensor(j)}
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Loaders, splits and options common to every data set.
+
+    Args:
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers (0 keeps everything in the main process).
+        image_size: side of the canonical square images.
+        augment: random crop (padding ``image_size // 8``) and horizontal flip on train.
+        val_split: fraction (< 1) or count (>= 1) of training samples held out for validation.
+        train_subset: use only this many training samples (after the carve-out).
+        test_subset: evaluate on this many test samples (seeded random subset).
+        seed: seeds the split and subsets (not the training run).
+    """
+
+    num_classes: int = 0
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        image_size: int = 32,
+        augment: bool = True,
+        val_split: int | float = 0.1,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.image_size, self.augment = image_size, augment
+        self.val_split, self.train_subset, self.test_subset = val_split, train_subset, test_subset
+        self.seed = seed
+        self.train_set = self.val_set = self.test_set = None
+        # Recorded in checkpoints; `visdistill export` reads image_size from here.
+        self.save_hyperparameters()
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class ArrayDataModule(VisionDataModule):
+    """A data set small enough to hold as one uint8 tensor (MNIST-like, CIFAR, digits).
+
+    Subclasses implement :meth:`load` returning ``(images uint8 (N, C, H, W), targets)``.
+    """
+
+    def load(self, train: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _canonical(self, images: Tensor) -> Tensor:
+        if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
+            return images
+        resized = F.interpolate(
+            images.float(), size=(self.image_size, self.image_size), mode="bilinear",
+            align_corners=False, antialias=images.shape[-1] > self.image_size,
+        )
+        return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+    def _train_transform(self) -> v2.Transform | None:
+        if not self.augment:
+            return None
+        return v2.Compose(
+            [v2.RandomCrop(self.image_size, padding=self.image_size // 8), v2.RandomHorizontalFlip()]
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, targets = self.load(train=True)
+            images = self._canonical(images)
+            train_idx, val_idx = split_indices(
+                len(images), self.val_split, self.seed, self.train_subset
+            )
+            self.train_set = ArrayImageDataset(images, targets, train_idx, self._train_transform())
+            self.val_set = ArrayImageDataset(images, targets, val_idx)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            images, targets = self.load(train=False)
+            idx = subset(len(images), self.test_subset, self.seed)
+            self.test_set = ArrayImageDataset(self._canonical(images), targets, idx)

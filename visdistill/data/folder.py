@@ -1,0 +1,103 @@
+"""Image folders (``root/<class>/<image>``), read with PIL through torchvision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from ..errors import DataNotFoundError
+from .base import VisionDataModule, split_indices, subset
+
+
+class _IndexedFolder(Dataset):
+    """Samples ``indices`` of an ImageFolder as canonical dict samples."""
+
+    def __init__(self, folder: ImageFolder, indices: Tensor, transform: v2.Transform) -> None:
+        self.folder, self.indices, self.transform = folder, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        j = int(self.indices[i])
+        path, target = self.folder.samples[j]
+        try:
+            image = self.folder.loader(path)
+        except Exception as e:
+            raise DataNotFoundError(
+                f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file."
+            ) from e
+        return {"image": self.transform(image), "target": torch.tensor(target), "index": torch.tensor(j)}
+
+
+def _open_folder(path: Path, role: str) -> ImageFolder:
+    if not path.is_dir():
+        raise DataNotFoundError(f"{role} directory not found: {path.resolve()}")
+    try:
+        return ImageFolder(str(path))
+    except FileNotFoundError as e:
+        raise DataNotFoundError(
+            f"{role} directory {path.resolve()} holds no images in class sub-folders "
+            f"(expected {path}/<class>/<image>.jpg): {e}"
+        ) from e
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """A data set laid out as ``<dir>/<class>/<image>``.
+
+    Args:
+        train_dir: training images; validation is carved from it unless ``val_dir``.
+        val_dir: optional separate validation images.
+        test_dir: optional test images (needed for ``visdistill test``).
+        **kwargs: see :class:`~visdistill.data.base.VisionDataModule`.
+
+    Train images get ``RandomResizedCrop`` + flip when ``augment``; evaluation images
+    are resized (short side) and centre-cropped to ``image_size``.
+    """
+
+    def __init__(
+        self, train_dir: str, val_dir: str | None = None, test_dir: str | None = None, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.train_dir = Path(train_dir)
+        self.val_dir = Path(val_dir) if val_dir else None
+        self.test_dir = Path(test_dir) if test_dir else None
+        self.num_classes = len(_open_folder(self.train_dir, "train_dir").classes)
+
+    def _transform(self, train: bool) -> v2.Transform:
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        if train and self.augment:
+            geo = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            geo = [v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size)]
+        return v2.Compose([v2.RGB(), *geo, *to_tensor])
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            train = _open_folder(self.train_dir, "train_dir")
+            if self.val_dir is not None:
+                val = _open_folder(self.val_dir, "val_dir")
+                if val.classes != train.classes:
+                    raise DataNotFoundError(
+                        f"val_dir classes {val.classes} differ from train_dir classes {train.classes}"
+                    )
+                train_idx = subset(len(train), self.train_subset, self.seed)
+                val_idx, val_src = torch.arange(len(val)), val
+            else:
+                train_idx, val_idx = split_indices(
+                    len(train), self.val_split, self.seed, self.train_subset
+                )
+                val_src = train
+            self.train_set = _IndexedFolder(train, train_idx, self._transform(train=True))
+            self.val_set = _IndexedFolder(val_src, val_idx, self._transform(train=False))
+        if stage in (None, "test", "predict") and self.test_set is None:
+            if self.test_dir is None:
+                raise DataNotFoundError("no test_dir configured (data.init_args.test_dir)")
+            test = _open_folder(self.test_dir, "test_dir")
+            idx = subset(len(test), self.test_subset, self.seed)
+            self.test_set = _IndexedFolder(test, idx, self._transform(train=False))
