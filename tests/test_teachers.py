@@ -55,6 +55,12 @@ def test_identical_specs_share_one_preprocessing(monkeypatch, batch):
     assert len(calls) == 1
 
 
+def test_ensemble_stays_in_eval():
+    ensemble = TeacherEnsemble([ModelConfig(**CNN)])
+    ensemble.train()
+    assert not ensemble.training and not any(m.training for m in ensemble.modules())
+
+
 def test_per_teacher_stage_lists(batch):
     ensemble = TeacherEnsemble([ModelConfig(**CNN), ModelConfig(**VIT)])
     outs = ensemble(batch, stages=[(4,), (1,)])

@@ -55,6 +55,10 @@ class TeacherEnsemble(nn.Module):
                 f"teachers disagree on num_classes ({listing}); all must predict the same classes"
             )
 
+    def train(self, mode: bool = True) -> TeacherEnsemble:
+        # Frozen like its members, so summaries and mode checks read "eval".
+        return super().train(False)
+
     def __len__(self) -> int:
         return len(self.teachers)
 
