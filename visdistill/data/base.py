@@ -55,7 +55,11 @@ class ArrayImageDataset(Dataset):
     """In-memory uint8 images ``(N, C, H, W)`` served as canonical float dict samples."""
 
     def __init__(
-        self, images: Tensor, targets: Tensor, indices: Tensor, transform: v2.Transform | None = None
+        self,
+        images: Tensor,
+        targets: Tensor,
+        indices: Tensor,
+        transform: v2.Transform | None = None,
     ) -> None:
         self.images, self.targets, self.indices = images, targets, indices
         self.transform = transform
@@ -148,8 +152,11 @@ class ArrayDataModule(VisionDataModule):
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
         resized = F.interpolate(
-            images.float(), size=(self.image_size, self.image_size), mode="bilinear",
-            align_corners=False, antialias=images.shape[-1] > self.image_size,
+            images.float(),
+            size=(self.image_size, self.image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=images.shape[-1] > self.image_size,
         )
         return resized.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -157,7 +164,10 @@ class ArrayDataModule(VisionDataModule):
         if not self.augment:
             return None
         return v2.Compose(
-            [v2.RandomCrop(self.image_size, padding=self.image_size // 8), v2.RandomHorizontalFlip()]
+            [
+                v2.RandomCrop(self.image_size, padding=self.image_size // 8),
+                v2.RandomHorizontalFlip(),
+            ]
         )
 
     def setup(self, stage: str | None = None) -> None:

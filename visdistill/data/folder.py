@@ -32,7 +32,11 @@ class _IndexedFolder(Dataset):
             raise DataNotFoundError(
                 f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file."
             ) from e
-        return {"image": self.transform(image), "target": torch.tensor(target), "index": torch.tensor(j)}
+        return {
+            "image": self.transform(image),
+            "target": torch.tensor(target),
+            "index": torch.tensor(j),
+        }
 
 
 def _open_folder(path: Path, role: str) -> ImageFolder:
