@@ -29,6 +29,7 @@ commands:
   test       evaluate on the test split (LightningCLI)
   predict    run the student on the test split, write predictions.csv (LightningCLI)
   export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
+  cka        CKA heat map between the stages of two models (PNG + JSON/CSV)
 
 `visdistill <command> --help` for a command's options.
 """
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
             lightning_main(None if argv is None else args)
         elif command == "export":
             export_main(rest)
+        elif command == "cka":
+            from .diagnostics.cli import cka_main
+
+            cka_main(rest)
         else:
             print(f"visdistill: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
             raise SystemExit(2)

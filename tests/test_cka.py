@@ -1,0 +1,215 @@
+"""CKA against a plain NumPy implementation of the formulas, invariances, and the minibatch estimator."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from visdistill.cli import main
+from visdistill.diagnostics import MinibatchCKA, gram_linear, hsic1, linear_cka, rbf_cka
+
+
+def np_center(k, unbiased):
+    k = k.copy()
+    n = len(k)
+    if not unbiased:
+        h = np.eye(n) - np.ones((n, n)) / n
+        return h @ k @ h
+    np.fill_diagonal(k, 0)
+    means = k.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    k -= means[:, None] + means[None, :]
+    np.fill_diagonal(k, 0)
+    return k
+
+
+def np_cka(k, m, unbiased=False):
+    kc, lc = np_center(k, unbiased), np_center(m, unbiased)
+    return (kc * lc).sum() / (np.linalg.norm(kc) * np.linalg.norm(lc))
+
+
+def np_rbf(x, frac):
+    d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
+    return np.exp(-d2 / (2 * frac**2 * np.median(d2)))
+
+
+def np_hsic1(k, m):
+    n = len(k)
+    k, m = k.copy(), m.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(m, 0)
+    one = np.ones(n)
+    return (
+        np.trace(k @ m)
+        + one @ k @ one * (one @ m @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ k @ m @ one
+    ) / (n * (n - 3))
+
+
+@pytest.fixture
+def xy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12))
+    y = x @ rng.normal(size=(12, 7)) + 0.5 * rng.normal(size=(40, 7))
+    return x, y
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_and_rbf_match_numpy(xy, debiased):
+    x, y = xy
+    expected = np_cka(x @ x.T, y @ y.T, debiased)
+    assert linear_cka(torch.tensor(x), torch.tensor(y), debiased).item() == pytest.approx(
+        expected, abs=1e-5
+    )
+    expected = np_cka(np_rbf(x, 0.5), np_rbf(y, 0.5), debiased)
+    assert rbf_cka(torch.tensor(x), torch.tensor(y), 0.5, debiased).item() == pytest.approx(
+        expected, abs=1e-5
+    )
+
+
+def test_hsic1_matches_numpy_and_the_u_centred_identity(xy):
+    x, y = xy
+    k, m = x @ x.T, y @ y.T
+    value = hsic1(torch.tensor(k), torch.tensor(m)).item()
+    assert value == pytest.approx(np_hsic1(k, m), rel=1e-8)
+    n = len(k)
+    assert value == pytest.approx(
+        (np_center(k, True) * np_center(m, True)).sum() / (n * (n - 3)), rel=1e-8
+    )
+
+
+def test_feature_form_equals_gram_form(xy):
+    x, y = xy
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    feature_form = np.linalg.norm(yc.T @ xc) ** 2 / (
+        np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    )
+    assert linear_cka(torch.tensor(x), torch.tensor(y)).item() == pytest.approx(
+        feature_form, abs=1e-10
+    )
+
+
+def test_invariances(xy):
+    x, y = (torch.tensor(a) for a in xy)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ q, y).item() == pytest.approx(base.item(), abs=1e-10)
+    assert linear_cka(3.7 * x, y).item() == pytest.approx(base.item(), abs=1e-10)
+    assert linear_cka(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    maps = torch.randn(16, 4, 3, 3)  # (n, C, H, W) is flattened
+    assert linear_cka(maps, maps.flatten(1)).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_minibatch_estimate_converges_to_full_debiased_cka():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(32, 16, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
+        4096, 16, generator=g, dtype=torch.float64
+    )
+    acc = MinibatchCKA(1, 1)
+    for i in range(0, 4096, 256):
+        acc.update([x[i : i + 256]], [y[i : i + 256]])
+    full = linear_cka(x, y, debiased=True).item()
+    assert acc.compute().item() == pytest.approx(full, abs=0.02)
+    # Matrix shape and self-similarity on the diagonal of an A-vs-A map.
+    acc2 = MinibatchCKA(2, 2)
+    acc2.update([x[:64], y[:64]], [x[:64], y[:64]])
+    m = acc2.compute()
+    assert m.shape == (2, 2) and torch.allclose(m.diagonal(), torch.ones(2, dtype=torch.float64))
+
+
+def test_small_batches_are_refused():
+    with pytest.raises(ValueError, match="more than 3"):
+        MinibatchCKA(1, 1).update([torch.randn(3, 4)], [torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="more than 3"):
+        hsic1(torch.eye(3), torch.eye(3))
+
+
+def test_gram_linear_flattens_maps():
+    x = torch.randn(5, 2, 3, 3)
+    assert torch.allclose(gram_linear(x), (x.flatten(1) @ x.flatten(1).T).double())
+
+
+def test_cka_command_writes_png_and_matrix(tmp_path, capsys):
+    png, js = tmp_path / "cka.png", tmp_path / "cka.json"
+    main(
+        [
+            "cka",
+            "--model-a",
+            "resnet10t",
+            "--model-b",
+            "vit_tiny_patch16_224",
+            "--model-kwargs-b",
+            '{"img_size": 32, "patch_size": 8, "depth": 2}',
+            "--num-classes",
+            "10",
+            "--data",
+            "digits",
+            "--num-samples",
+            "64",
+            "--batch-size",
+            "32",
+            "--layers-a",
+            "1,2,4",
+            "--out",
+            str(png),
+            "--matrix",
+            str(js),
+        ]
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(js.read_text())
+    assert len(saved["rows"]) == 3 and len(saved["cols"]) == 2
+    assert (
+        np.array(saved["cka"]).shape == (3, 2)
+        and np.min(saved["cka"]) >= 0
+        and np.max(saved["cka"]) <= 1 + 1e-9
+    )
+    assert saved["rows"][0] == "1:layer1"
+
+
+def test_cka_command_bad_data_is_explained(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "cka",
+                "--model-a",
+                "resnet10t",
+                "--model-b",
+                "resnet10t",
+                "--data",
+                str(tmp_path / "nope"),
+            ]
+        )
+    assert e.value.code == 1
+
+
+def test_callback_logs_student_teacher_cka(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from visdistill import DigitsDataModule, DistillationModule, ModelConfig
+    from visdistill.diagnostics import CKACallback
+
+    module = DistillationModule(
+        student=ModelConfig("resnet10t", num_classes=10),
+        teachers=[ModelConfig("convnext_atto", num_classes=10)],
+    )
+    callback = CKACallback(num_batches=2, student_stages=(2, 4), teacher_stages=(0, 3))
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert {"cka/s2_t0", "cka/s4_t3"} <= set(trainer.logged_metrics)
+    assert callback.last_matrix.shape == (2, 2)
+    assert ((callback.last_matrix >= 0) & (callback.last_matrix <= 1 + 1e-9)).all()
+    assert list(tmp_path.rglob("events.out.tfevents*"))
