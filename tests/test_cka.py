@@ -213,3 +213,37 @@ def test_callback_logs_student_teacher_cka(tmp_path):
     assert callback.last_matrix.shape == (2, 2)
     assert ((callback.last_matrix >= 0) & (callback.last_matrix <= 1 + 1e-9)).all()
     assert list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def _ddp_worker(rank, world, port, x, y, out):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    acc = MinibatchCKA(2, 1)
+    for i in range(rank * 64, 512, world * 64):  # each rank sees every other batch
+        acc.update([x[i : i + 64], x[i : i + 64] ** 2], [y[i : i + 64]])
+    out[rank] = acc.compute()
+    dist.destroy_process_group()
+
+
+def test_accumulator_all_reduces_under_ddp():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(512, 8, generator=g), torch.randn(512, 5, generator=g)
+    single = MinibatchCKA(2, 1)
+    for i in range(0, 512, 64):
+        single.update([x[i : i + 64], x[i : i + 64] ** 2], [y[i : i + 64]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, x, y, out), nprocs=2, join=True)
+    expected = single.compute()
+    assert torch.allclose(out[0], expected, atol=1e-12) and torch.allclose(
+        out[1], expected, atol=1e-12
+    )

@@ -9,6 +9,7 @@ from .data import (
     ImageFolderDataModule,
     VisionDataModule,
 )
+from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
 from .distillers import KD, DistillTerm
 from .errors import (
     CheckpointError,
@@ -29,6 +30,7 @@ __all__ = [
     "KD",
     "Backbone",
     "CIFARDataModule",
+    "CKACallback",
     "CheckpointError",
     "ConfigError",
     "DataNotFoundError",
@@ -38,6 +40,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InputSpec",
+    "MinibatchCKA",
     "ModelConfig",
     "ModelOutput",
     "PredictionWriter",
@@ -46,11 +49,14 @@ __all__ = [
     "UnknownModelError",
     "VisdistillError",
     "VisionDataModule",
+    "cka_matrix",
     "create_backbone",
     "ensemble_probs",
     "export_student",
     "kd_loss",
+    "linear_cka",
     "load_state_dict_file",
     "load_weights_into",
+    "rbf_cka",
     "soft_cross_entropy",
 ]
