@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
-from .accumulator import MinibatchCKA
-from .heatmap import plot_cka, stage_names
+from .heatmap import cka_matrix, plot_cka
 
 
 class CKACallback(L.Callback):
@@ -47,24 +46,10 @@ class CKACallback(L.Callback):
         student, teacher = pl_module.student, pl_module.teachers[self.teacher_index]
         s_stages = list(self.student_stages or range(len(student.feature_info)))
         t_stages = list(self.teacher_stages or range(len(teacher.feature_info)))
-        acc = MinibatchCKA(len(s_stages), len(t_stages)).to(pl_module.device)
-        was_training = student.training
-        student.eval()
-        try:
-            for i, batch in enumerate(trainer.val_dataloaders):
-                if i >= self.num_batches:
-                    break
-                images = batch["image"].to(pl_module.device)
-                if len(images) <= 3:
-                    continue
-                s_out = student(images, stages=s_stages)
-                t_out = teacher(images, stages=t_stages)
-                acc.update([s_out.stages[s] for s in s_stages], [t_out.stages[t] for t in t_stages])
-        finally:
-            student.train(was_training)
-        if acc.batches == 0:
-            return
-        matrix = acc.compute().cpu()
+        matrix, rows, cols = cka_matrix(
+            student, teacher, trainer.val_dataloaders, s_stages, t_stages,
+            progress=False, max_batches=self.num_batches,
+        )  # fmt: skip
         self.last_matrix = matrix
         for i, s in enumerate(s_stages):
             for j, t in enumerate(t_stages):
@@ -75,10 +60,6 @@ class CKACallback(L.Callback):
 
             with tempfile.TemporaryDirectory() as tmp:
                 fig = plot_cka(
-                    matrix,
-                    stage_names(student, s_stages),
-                    stage_names(teacher, t_stages),
-                    f"{tmp}/cka.png",
-                    title=f"epoch {trainer.current_epoch}",
+                    matrix, rows, cols, f"{tmp}/cka.png", f"epoch {trainer.current_epoch}"
                 )
             experiment.add_figure("cka/student_vs_teacher", fig, trainer.global_step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +31,14 @@ def cka_matrix(
     stages_b: Sequence[int] | None = None,
     epochs: int = 1,
     progress: bool = True,
+    max_batches: int | None = None,
 ) -> tuple[Tensor, list[str], list[str]]:
     """Minibatch linear CKA between every stage pair, ``(P, Q)`` float64.
 
     Stage maps ``(B, C, h, w)`` (ViT tokens as their grid) are flattened to ``(B, C*h*w)``:
     flattened, not pooled, CKA. Both models see the same canonical batch and
-    preprocess it themselves. Use a loader with ``drop_last=True`` (batches of >3 examples).
+    preprocess it themselves. Batches of 3 or fewer examples (a short last batch) are
+    skipped: HSIC_1 is undefined for them. ``max_batches`` caps the batches per epoch.
     """
     stages_a = list(range(len(model_a.feature_info))) if stages_a is None else list(stages_a)
     stages_b = list(range(len(model_b.feature_info))) if stages_b is None else list(stages_b)
@@ -44,13 +47,17 @@ def cka_matrix(
     modes = model_a.training, model_b.training
     model_a.eval()
     model_b.eval()
-    acc = MinibatchCKA(len(stages_a), len(stages_b))
+    device = next(model_a.parameters()).device
+    acc = MinibatchCKA(len(stages_a), len(stages_b)).to(device)
+    per_epoch = len(loader) if max_batches is None else min(max_batches, len(loader))
     try:
-        batches = (batch for _ in range(epochs) for batch in loader)
+        batches = (b for _ in range(epochs) for b in itertools.islice(loader, per_epoch))
         if progress:
-            batches = track(batches, total=epochs * len(loader), description="CKA")
+            batches = track(batches, total=epochs * per_epoch, description="CKA")
         for batch in batches:
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
+            images = (batch["image"] if isinstance(batch, dict) else batch[0]).to(device)
+            if len(images) <= 3:
+                continue
             out_a = model_a(images, stages=stages_a)
             out_b = model_b(images, stages=stages_b)
             acc.update([out_a.stages[s] for s in stages_a], [out_b.stages[s] for s in stages_b])
@@ -59,7 +66,7 @@ def cka_matrix(
         model_b.train(modes[1])
     if acc.batches == 0:
         raise ValueError("the loader yielded no batches (too few samples for drop_last?)")
-    return acc.compute(), stage_names(model_a, stages_a), stage_names(model_b, stages_b)
+    return acc.compute().cpu(), stage_names(model_a, stages_a), stage_names(model_b, stages_b)
 
 
 def plot_cka(
