@@ -1,0 +1,183 @@
+"""CKA: the (P, Q) minibatch estimator against NumPy, and `visdistill cka` end to end.
+
+Complements tests/test_cka.py (pure functions, convergence, DDP, callback).
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from visdistill.cli import main
+from visdistill.diagnostics import MinibatchCKA, hsic1, plot_cka
+from visdistill.models import Backbone
+
+
+def np_hsic1(k, m):
+    """Nguyen et al. (2021) eq. 3, written with plain matrix products."""
+    n = len(k)
+    k, m = k.copy(), m.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(m, 0)
+    one = np.ones(n)
+    return (
+        np.trace(k @ m)
+        + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ k @ m @ one
+    ) / (n * (n - 3))
+
+
+def test_minibatch_matrix_matches_numpy_layer_by_layer():
+    """Every (p, q) cell is sum_i HSIC1(K_ip, L_iq) / sqrt(sum_i HSIC1(K_ip, K_ip) ...)."""
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(3):
+        base = rng.normal(size=(20, 6))
+        layers_a = [base, np.tanh(base @ rng.normal(size=(6, 9)))]
+        layers_b = [base**2, rng.normal(size=(20, 4)), base @ rng.normal(size=(6, 3))]
+        batches.append((layers_a, layers_b))
+    acc = MinibatchCKA(2, 3)
+    for layers_a, layers_b in batches:
+        acc.update([torch.tensor(x) for x in layers_a], [torch.tensor(y) for y in layers_b])
+    got = acc.compute().numpy()
+
+    s_ab, s_aa, s_bb = np.zeros((2, 3)), np.zeros(2), np.zeros(3)
+    for layers_a, layers_b in batches:
+        grams_a = [x @ x.T for x in layers_a]
+        grams_b = [y @ y.T for y in layers_b]
+        for p, k in enumerate(grams_a):
+            s_aa[p] += np_hsic1(k, k)
+            for q, m in enumerate(grams_b):
+                s_ab[p, q] += np_hsic1(k, m)
+        for q, m in enumerate(grams_b):
+            s_bb[q] += np_hsic1(m, m)
+    expected = s_ab / np.sqrt(s_aa[:, None] * s_bb[None, :])
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_hsic1_feature_space_identity():
+    """For column-centred X, Y: n(n-3) HSIC1 = tr(KL) - n/(n-2) d_K.d_L + tr K tr L/((n-1)(n-2)),
+    so HSIC1 can also be computed from (p1 x p2) products when p << n."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(30, 7))
+    x, y = x - x.mean(0), y - y.mean(0)
+    n = len(x)
+    d_k, d_l = (x**2).sum(1), (y**2).sum(1)
+    feature_form = (
+        np.linalg.norm(y.T @ x) ** 2
+        - n / (n - 2) * d_k @ d_l
+        + d_k.sum() * d_l.sum() / ((n - 1) * (n - 2))
+    ) / (n * (n - 3))
+    gram_form = hsic1(torch.tensor(x @ x.T), torch.tensor(y @ y.T)).item()
+    assert gram_form == pytest.approx(feature_form, rel=1e-9)
+
+
+def test_hsic1_ignores_a_shift_of_all_features():
+    """U-centring removes a common offset: shifting every example by the same vector (what
+    a BatchNorm bias or ReLU mean does) leaves HSIC_1 unchanged."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    shifted = x + 10 * torch.randn(1, 8, generator=g, dtype=torch.float64)
+    base = hsic1(x @ x.T, y @ y.T).item()
+    assert hsic1(shifted @ shifted.T, y @ y.T).item() == pytest.approx(base, rel=1e-9)
+
+
+def test_accumulator_state_does_not_grow_and_resets():
+    acc = MinibatchCKA(2, 2)
+    shapes = {k: v.shape for k, v in acc.state_dict().items()}
+    for _ in range(20):
+        feats = [torch.randn(8, 3, 2, 2), torch.randn(8, 5)]
+        acc.update(feats, feats)
+    assert {k: v.shape for k, v in acc.state_dict().items()} == shapes
+    assert torch.allclose(acc.compute().diagonal(), torch.ones(2, dtype=torch.float64))
+    acc.reset()
+    assert all(not v.any() for v in acc.state_dict().values())
+
+
+def test_plot_puts_model_a_on_the_y_axis_with_origin_lower(tmp_path):
+    matrix = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], dtype=torch.float64)
+    path = tmp_path / "m.png"
+    fig = plot_cka(matrix, ["a0", "a1"], ["b0", "b1", "b2"], path, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    image = ax.images[0]
+    assert image.origin == "lower"
+    assert image.get_array().shape == (2, 3)  # rows: model A
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a0", "a1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["b0", "b1", "b2"]
+    assert image.get_clim() == (0, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Backbone("resnet10t", num_classes=10).model
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _cka(*args):
+    main(["cka", "--data", "digits", "--num-classes", "10", *args])
+
+
+def test_command_same_model_twice_gives_a_unit_diagonal_in_csv(tmp_path, tiny_checkpoint):
+    """The same weights on both sides: CKA(stage i, stage i) = 1 and the matrix is
+    symmetric, which checks that rows and columns follow the requested stages."""
+    out_csv = tmp_path / "cka.csv"
+    _cka(
+        "--model-a", "resnet10t", "--checkpoint-a", str(tiny_checkpoint),
+        "--model-b", "resnet10t", "--checkpoint-b", str(tiny_checkpoint),
+        "--layers-a", "0,2,4", "--layers-b", "0,2,4",
+        "--num-samples", "128", "--batch-size", "64",
+        "--out", str(tmp_path / "cka.png"), "--matrix", str(out_csv),
+    )  # fmt: skip
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0] == ["", "0:act1", "2:layer2", "4:layer4"]
+    assert [r[0] for r in rows[1:]] == ["0:act1", "2:layer2", "4:layer4"]
+    m = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
+    np.testing.assert_allclose(m, m.T, atol=1e-6)
+    assert ((m > 0) & (m <= 1 + 1e-6)).all()
+    assert (tmp_path / "cka.png").stat().st_size > 1000
+
+
+def test_command_vit_vs_cnn_json_shape(tmp_path):
+    out = tmp_path / "cka.json"
+    _cka(
+        "--model-a", "vit_tiny_patch16_224",
+        "--model-kwargs-a", '{"img_size": 32, "patch_size": 8, "depth": 2}',
+        "--model-b", "resnet10t", "--layers-b", "1,3",
+        "--num-samples", "64", "--batch-size", "32", "--epochs", "2",
+        "--out", str(tmp_path / "cka.png"), "--matrix", str(out),
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 2  # depth-2 ViT: one stage per block
+    assert saved["cols"] == ["1:layer1", "3:layer3"]
+    assert np.array(saved["cka"]).shape == (2, 2)
+    assert np.isfinite(saved["cka"]).all()
+
+
+def test_command_bad_stage_index_names_the_valid_stages(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cka(
+            "--model-a", "resnet10t", "--model-b", "resnet10t", "--layers-a", "0,9",
+            "--num-samples", "64", "--batch-size", "32", "--out", str(tmp_path / "x.png"),
+        )  # fmt: skip
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "[9]" in err and "4: layer4" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_command_missing_data_folder_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "no_such_images"
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--model-a", "resnet10t", "--model-b", "resnet10t", "--data", str(missing)])
+    assert e.value.code == 1
+    assert "no_such_images" in capsys.readouterr().err
