@@ -10,24 +10,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_cka import np_hsic1  # the one NumPy reference of HSIC_1
 
 from visdistill.cli import main
 from visdistill.diagnostics import MinibatchCKA, hsic1, plot_cka
 from visdistill.models import Backbone
-
-
-def np_hsic1(k, m):
-    """Nguyen et al. (2021) eq. 3, written with plain matrix products."""
-    n = len(k)
-    k, m = k.copy(), m.copy()
-    np.fill_diagonal(k, 0)
-    np.fill_diagonal(m, 0)
-    one = np.ones(n)
-    return (
-        np.trace(k @ m)
-        + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2))
-        - 2 / (n - 2) * one @ k @ m @ one
-    ) / (n * (n - 3))
 
 
 def test_minibatch_matrix_matches_numpy_layer_by_layer():
