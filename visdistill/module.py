@@ -95,6 +95,12 @@ class DistillationModule(L.LightningModule):
         self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
         self.teacher_stages = tuple(sorted({s for t in self.terms for s in t.teacher_stages}))
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
+        weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
+        if len(weighting) > 1:
+            raise ConfigError(
+                f"terms {', '.join(weighting)} each provide per-sample teacher weights; "
+                "keep one of them (the others can still read its weights)"
+            )
         self.student.check_stages(self.student_stages)
         for teacher in self.teachers or []:
             teacher.check_stages(self.teacher_stages)
@@ -131,8 +137,12 @@ class DistillationModule(L.LightningModule):
             teacher_outs = self.teachers(
                 images, stages=self.teacher_stages, pooled=self.needs_pooled
             )
+            weights = None
             for term in self.terms:
-                term_parts = term(student_out, teacher_outs, target)
+                if term.provides_teacher_weights:
+                    weights = term.teacher_weights(student_out, teacher_outs, target)
+            for term in self.terms:
+                term_parts = term(student_out, teacher_outs, target, teacher_weights=weights)
                 for key, value in term_parts.items():
                     parts[f"{term.name}/{key}" if key != term.name else key] = value
                 total = total + term.weight * sum(term_parts.values())
@@ -140,6 +150,7 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._update_term_progress(batch_idx)
         total, parts, out = self.compute_losses(batch)
         self.train_acc(out.logits, batch["target"])
         n = len(batch["target"])
@@ -179,6 +190,19 @@ class DistillationModule(L.LightningModule):
         probs = self.student(batch["image"]).logits.softmax(-1)
         return {"index": batch["index"], "probs": probs, "pred": probs.argmax(-1)}
 
+    def _update_term_progress(self, batch_idx: int) -> None:
+        if not self.terms or self._trainer is None:
+            return
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        epoch = trainer.current_epoch + (
+            batch_idx / batches if batches and batches != float("inf") else 0.0
+        )
+        total = trainer.estimated_stepping_batches
+        progress = self.global_step / total if total and total != float("inf") else 0.0
+        for term in self.terms:
+            term.epoch, term.progress = float(epoch), min(1.0, float(progress))
+
     # ------------------------------------------------------------------ teachers' scores
     def _teachers_scored_this_epoch(self) -> bool:
         return (
@@ -216,6 +240,11 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_fit_start(self) -> None:
+        self._check_data_classes()
+        for term in self.terms:
+            term.on_fit_start(self)
+
+    def _check_data_classes(self) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if data_classes and data_classes != self.student.num_classes:
             raise ConfigError(

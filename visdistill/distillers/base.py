@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -22,6 +23,18 @@ class DistillTerm(nn.Module):
     them. ``forward`` returns named, *unweighted* losses; the module adds
     ``weight * sum(values)`` to the total and logs each under ``<name>/<key>``.
 
+    Per-sample teacher weights (``shared/methods/multi-teacher.md`` §4) are how
+    multi-teacher methods compose with any other term: a term that sets
+    ``provides_teacher_weights = True`` returns a ``(B, M)`` matrix (rows sum to 1) from
+    :meth:`teacher_weights`; the module computes it first and passes it to *every*
+    term's ``forward`` as ``teacher_weights`` (``None`` means uniform). At most one term
+    per module may provide weights.
+
+    Training-time context a term may read: ``progress`` (fraction of the fit done, in
+    ``[0, 1]``) and ``epoch`` (fractional epoch), refreshed before every training step;
+    and :meth:`on_fit_start`, called once before the first epoch with the module, for
+    work that needs data (e.g. teacher class means).
+
     Args:
         weight: multiplier of this term in the total loss.
     """
@@ -30,15 +43,31 @@ class DistillTerm(nn.Module):
     student_stages: tuple[int, ...] = ()
     teacher_stages: tuple[int, ...] = ()
     needs_pooled: bool = False
+    provides_teacher_weights: bool = False
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = float(weight)
+        self.progress = 0.0
+        self.epoch = 0.0
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""
 
-    def forward(
+    def on_fit_start(self, module: Any) -> None:
+        """Called once by the :class:`DistillationModule` before training starts."""
+
+    def teacher_weights(
         self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
+    ) -> Tensor | None:
+        """``(B, M)`` per-sample teacher weights, for terms with ``provides_teacher_weights``."""
+        return None
+
+    def forward(
+        self,
+        student: ModelOutput,
+        teachers: Sequence[ModelOutput],
+        target: Tensor,
+        teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from .base import DistillTerm
 class KD(DistillTerm):
     """Hinton knowledge distillation (2015) from one teacher or an ensemble.
 
-    Target: the mean over teachers of ``softmax(z_m / T)``; loss
+    Target: the (per-sample weighted, else plain) mean over teachers of ``softmax(z_m / T)``; loss
     ``T^2 * KL(target || softmax(z_s / T))`` (:func:`~visdistill.losses.kd_loss`).
 
     Args:
@@ -32,7 +32,11 @@ class KD(DistillTerm):
         self.temperature = float(temperature)
 
     def forward(
-        self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
+        self,
+        student: ModelOutput,
+        teachers: Sequence[ModelOutput],
+        target: Tensor,
+        teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        target_probs = ensemble_probs(teachers, self.temperature)
+        target_probs = ensemble_probs(teachers, self.temperature, teacher_weights)
         return {"kd": kd_loss(student.logits, target_probs, self.temperature)}
