@@ -10,7 +10,7 @@ from .data import (
     VisionDataModule,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
-from .distillers import KD, DistillTerm
+from .distillers import DKD, KD, ND, OFA, TRG, DistillTerm
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -19,7 +19,7 @@ from .errors import (
     VisdistillError,
 )
 from .export import export_student
-from .losses import kd_loss, soft_cross_entropy
+from .losses import dkd_loss, kd_loss, nd_loss, ofa_loss, soft_cross_entropy
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput, create_backbone
 from .module import DistillationModule
 from .teachers import Teacher, TeacherEnsemble, ensemble_probs
@@ -27,7 +27,11 @@ from .teachers import Teacher, TeacherEnsemble, ensemble_probs
 __version__ = "0.1.0"
 
 __all__ = [
+    "DKD",
     "KD",
+    "ND",
+    "OFA",
+    "TRG",
     "Backbone",
     "CIFARDataModule",
     "CKACallback",
@@ -53,7 +57,10 @@ __all__ = [
     "create_backbone",
     "ensemble_probs",
     "export_student",
+    "dkd_loss",
     "kd_loss",
+    "nd_loss",
+    "ofa_loss",
     "linear_cka",
     "load_state_dict_file",
     "load_weights_into",

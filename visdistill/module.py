@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .distillers.base import DistillTerm
 from .errors import ConfigError
 from .models import Backbone, ModelConfig, ModelOutput
-from .teachers import TeacherEnsemble, ensemble_probs
+from .teachers import TeacherEnsemble, ensemble_probs, per_teacher_stages
 
 # Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -92,8 +92,16 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval, self.eval_teachers = scheduler_interval, eval_teachers
 
+        # Terms build their parameters first: some pick their stages from feature_info.
+        for term in self.terms:
+            term.setup(self.student, list(self.teachers or []))
         self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
-        self.teacher_stages = tuple(sorted({s for t in self.terms for s in t.teacher_stages}))
+        n_teachers = len(self.teachers) if self.teachers is not None else 0
+        wanted: list[set[int]] = [set() for _ in range(n_teachers)]
+        for term in self.terms:
+            for i, stages in enumerate(per_teacher_stages(term.teacher_stages, n_teachers)):
+                wanted[i].update(stages)
+        self.teacher_stages = [tuple(sorted(s)) for s in wanted]
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
         weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
         if len(weighting) > 1:
@@ -102,10 +110,8 @@ class DistillationModule(L.LightningModule):
                 "keep one of them (the others can still read its weights)"
             )
         self.student.check_stages(self.student_stages)
-        for teacher in self.teachers or []:
-            teacher.check_stages(self.teacher_stages)
-        for term in self.terms:
-            term.setup(self.student, list(self.teachers or []))
+        for teacher, stages in zip(self.teachers or [], self.teacher_stages, strict=True):
+            teacher.check_stages(stages)
 
         k = self.student.num_classes
         self.train_acc = MulticlassAccuracy(k, average="micro")

@@ -85,7 +85,7 @@ class TeacherEnsemble(nn.Module):
             stages: one tuple of stage indices for all teachers, or one tuple per teacher.
             pooled: also return each teacher's ``(B, D)`` pre-logits features.
         """
-        per_teacher = _per_teacher(stages, len(self.teachers))
+        per_teacher = per_teacher_stages(stages, len(self.teachers))
         prepared: dict[InputSpec, Tensor] = {}
         outputs = []
         for teacher, s in zip(self.teachers, per_teacher, strict=True):
@@ -111,7 +111,8 @@ def ensemble_probs(
     return (weights.unsqueeze(-1) * probs).sum(dim=1)
 
 
-def _per_teacher(stages, n: int) -> list[tuple[int, ...]]:
+def per_teacher_stages(stages, n: int) -> list[tuple[int, ...]]:
+    """One tuple of stage indices for all ``n`` teachers, or one per teacher -> ``n`` tuples."""
     if not stages:
         return [()] * n
     if all(isinstance(s, int) for s in stages):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..models import Backbone, ModelOutput
@@ -54,6 +55,10 @@ class DistillTerm(nn.Module):
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""
 
+    def warmup_factor(self, warmup_epochs: float) -> float:
+        """``min(1, epoch / warmup_epochs)`` (1 when ``warmup_epochs`` is 0)."""
+        return 1.0 if warmup_epochs <= 0 else min(1.0, self.epoch / warmup_epochs)
+
     def on_fit_start(self, module: Any) -> None:
         """Called once by the :class:`DistillationModule` before training starts."""
 
@@ -71,3 +76,15 @@ class DistillTerm(nn.Module):
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def uniform_or(teacher_weights: Tensor | None, batch: int, n_teachers: int, like: Tensor) -> Tensor:
+    """``teacher_weights`` ``(B, M)``, or uniform ``1/M`` weights when it is ``None``."""
+    if teacher_weights is None:
+        return like.new_full((batch, n_teachers), 1.0 / n_teachers, dtype=torch.float32)
+    if teacher_weights.shape != (batch, n_teachers):
+        raise ValueError(
+            f"teacher_weights must be (batch, teachers) = ({batch}, {n_teachers}), "
+            f"got {tuple(teacher_weights.shape)}"
+        )
+    return teacher_weights.float()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..models import ModelOutput
 from ..teachers import ensemble_probs
@@ -20,16 +21,20 @@ class KD(DistillTerm):
 
     Args:
         temperature: softening temperature ``T`` (4 is the common CIFAR choice).
+        warmup_epochs: ramp the term linearly from 0 over this many epochs (the ND
+            paper's KD++ warms the base KD term up; 0 disables).
         weight: multiplier in the total loss.
     """
 
     name = "kd"
 
-    def __init__(self, temperature: float = 4.0, weight: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float = 4.0, warmup_epochs: float = 0.0, weight: float = 1.0
+    ) -> None:
         super().__init__(weight)
         if temperature <= 0:
-            raise ValueError(f"KD temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+            raise ConfigError(f"KD temperature must be > 0, got {temperature}")
+        self.temperature, self.warmup_epochs = float(temperature), float(warmup_epochs)
 
     def forward(
         self,
@@ -39,4 +44,5 @@ class KD(DistillTerm):
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         target_probs = ensemble_probs(teachers, self.temperature, teacher_weights)
-        return {"kd": kd_loss(student.logits, target_probs, self.temperature)}
+        loss = kd_loss(student.logits, target_probs, self.temperature)
+        return {"kd": self.warmup_factor(self.warmup_epochs) * loss}

@@ -1,5 +1,26 @@
 """Pure loss functions: tensors in, tensor out, no parameters."""
 
+from .dkd import dkd_loss
 from .kd import kd_loss, soft_cross_entropy
+from .nd import nd_loss
+from .ofa import ofa_loss
+from .trg import (
+    cosine_temperature,
+    feature_map_tokens,
+    trg_contextual_loss,
+    trg_global_loss,
+    trg_local_loss,
+)
 
-__all__ = ["kd_loss", "soft_cross_entropy"]
+__all__ = [
+    "cosine_temperature",
+    "dkd_loss",
+    "feature_map_tokens",
+    "kd_loss",
+    "nd_loss",
+    "ofa_loss",
+    "soft_cross_entropy",
+    "trg_contextual_loss",
+    "trg_global_loss",
+    "trg_local_loss",
+]
