@@ -27,12 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESNET = "{name: resnet10t, num_classes: 10, checkpoint: teachers/weights/fmnist_resnet10t/model.safetensors}"
-VIT = (
-    "{name: vit_tiny_patch16_224, num_classes: 10, "
-    "checkpoint: teachers/weights/fmnist_vit_tiny_p8/model.safetensors, "
-    "model_kwargs: {img_size: 32, patch_size: 8, depth: 6}}"
-)
+RESNET = "{name: zoo:fmnist_resnet10t}"
+VIT = "{name: zoo:fmnist_vit_tiny_p8}"
 VIT_STUDENT = (
     "{name: vit_tiny_patch16_224, num_classes: 10, "
     "model_kwargs: {img_size: 32, patch_size: 4, depth: 4}}"

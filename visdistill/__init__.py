@@ -1,5 +1,6 @@
 """visdistill: multi-teacher and cross-architecture knowledge distillation for timm models."""
 
+from . import zoo
 from .callbacks import PredictionWriter
 from .checkpoints import load_state_dict_file, load_weights_into
 from .data import (

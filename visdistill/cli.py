@@ -30,6 +30,7 @@ commands:
   predict    run the student on the test split, write predictions.csv (LightningCLI)
   export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
   cka        CKA heat map between the stages of two models (PNG + JSON/CSV)
+  zoo        list | show | download | verify | evaluate the model zoo (zoo:<name> models)
 
 `visdistill <command> --help` for a command's options.
 """
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
             from .diagnostics.cli import cka_main
 
             cka_main(rest)
+        elif command == "zoo":
+            from .zoo_cli import zoo_main
+
+            zoo_main(rest)
         else:
             print(f"visdistill: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
             raise SystemExit(2)

@@ -96,11 +96,11 @@ def export_student(
         "classifier": student.model.pretrained_cfg.get("classifier"),
         "license": "apache-2.0",
     }
-    model_args = dict(config.model_kwargs)
+    model_args = dict(student.arch_kwargs)
     if config.in_chans != 3:
         model_args["in_chans"] = config.in_chans
     timm_config = {
-        "architecture": config.name,
+        "architecture": student.arch,
         "num_classes": student.num_classes,
         "num_features": student.num_features,
         "model_args": model_args,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import zoo
 from .checkpoints import load_state_dict_file, load_weights_into
 from .errors import CheckpointError, ConfigError, UnknownModelError, close_matches
 
@@ -110,10 +111,15 @@ class ModelConfig:
     interpolation: str | None = None
     in_chans: int = 3
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    allow_unverified: bool = False
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`UnknownModelError` with close matches if timm does not know ``name``."""
+    """Raise :class:`UnknownModelError` with close matches if timm (or, for ``zoo:``
+    names, the zoo) does not know ``name``."""
+    if name.startswith(zoo.PREFIX):
+        zoo.get_entry(name)
+        return
     if name.startswith(_HUB_PREFIXES) or timm.is_model(name):
         return
     base = name.split(".")[0]  # "resnet18.a1_in1k" -> "resnet18"
@@ -131,7 +137,9 @@ class Backbone(nn.Module):
 
     Args:
         name: any ``timm.create_model`` name (``resnet18``, ``hf-hub:timm/...``,
-            ``local-dir:/path``).
+            ``local-dir:/path``), or ``zoo:<entry>`` for visdistill's zoo. A zoo entry *is*
+            its weights: they load (sha256-verified) unless ``checkpoint`` is given, and its
+            input spec and ``model_kwargs`` are the defaults.
         num_classes: classifier width; ``None`` keeps timm's default.
         pretrained: load timm's default weights (hub or cache).
         checkpoint: a local ``.safetensors`` or torch state dict to load (wins over
@@ -142,6 +150,7 @@ class Backbone(nn.Module):
         in_chans: 3, or 1 for grayscale models.
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
             ``depth``, ``drop_path_rate`` ...).
+        allow_unverified: accept a zoo entry whose manifest has no sha256.
     """
 
     def __init__(
@@ -156,6 +165,7 @@ class Backbone(nn.Module):
         interpolation: str | None = None,
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
+        allow_unverified: bool = False,
     ) -> None:
         super().__init__()
         check_model_name(name)
@@ -166,10 +176,22 @@ class Backbone(nn.Module):
             kwargs["num_classes"] = num_classes
         if in_chans != 3:
             kwargs["in_chans"] = in_chans
+        # The timm architecture and kwargs that rebuild this model (export writes them).
+        self.arch, self.arch_kwargs = name, dict(self.model_kwargs)
+        entry = zoo.get_entry(name) if name.startswith(zoo.PREFIX) else None
         try:
-            self.model = timm.create_model(
-                name, pretrained=pretrained and checkpoint is None, **kwargs
-            )
+            if entry is not None:
+                self.arch, self.arch_kwargs = entry.arch, {**entry.model_kwargs, **kwargs}
+                self.arch_kwargs.pop("num_classes", None)
+                if input_size is None:
+                    input_size = entry.input.get("size")
+                self.model = zoo.create_model(
+                    name, pretrained=checkpoint is None, allow_unverified=allow_unverified, **kwargs
+                )
+            else:
+                self.model = timm.create_model(
+                    name, pretrained=pretrained and checkpoint is None, **kwargs
+                )
         except TypeError as e:
             raise ConfigError(
                 f"timm.create_model({name!r}) rejected model_kwargs {self.model_kwargs}: {e}. "
@@ -177,7 +199,7 @@ class Backbone(nn.Module):
                 "in what you override."
             ) from e
         except Exception as e:
-            if not (pretrained and checkpoint is None):
+            if entry is not None or not (pretrained and checkpoint is None):
                 raise
             # Hub/network/cache failures surface from deep inside huggingface_hub.
             raise CheckpointError(
