@@ -24,10 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 def quickstart_teachers() -> list[ModelConfig]:
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    teachers = [ModelConfig(**t) for t in config["model"]["teachers"]]
-    for t in teachers:
-        t.checkpoint = str(ROOT / t.checkpoint)
-    return teachers
+    # zoo: names resolve from any working directory (the package finds its manifests).
+    return [ModelConfig(**t) for t in config["model"]["teachers"]]
 
 
 def test_shipped_teachers_are_accurate_on_the_test_set():

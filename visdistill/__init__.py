@@ -16,6 +16,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DataNotFoundError,
+    NonFiniteLossError,
     UnknownModelError,
     VisdistillError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MinibatchCKA",
     "ModelConfig",
     "ModelOutput",
+    "NonFiniteLossError",
     "PredictionWriter",
     "Teacher",
     "TeacherEnsemble",
@@ -67,4 +69,5 @@ __all__ = [
     "load_weights_into",
     "rbf_cka",
     "soft_cross_entropy",
+    "zoo",
 ]

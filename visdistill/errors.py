@@ -31,6 +31,10 @@ class DataNotFoundError(VisdistillError, FileNotFoundError):
     """A data set is not where it was looked for."""
 
 
+class NonFiniteLossError(VisdistillError, FloatingPointError):
+    """A training loss became NaN or infinite (``nonfinite: raise``)."""
+
+
 def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """Up to ``n`` entries of ``choices`` that look like ``name`` (case-insensitive)."""
     lowered = {c.lower(): c for c in choices}

@@ -14,12 +14,17 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .distillers.base import DistillTerm
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
 from .teachers import TeacherEnsemble, ensemble_probs, per_teacher_stages
 
 # Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# nonfinite="skip" returns None from training_step on purpose (and warns itself).
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+
+
+_NONFINITE_MODES = ("skip", "raise", "ignore")
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -44,6 +49,10 @@ class DistillationModule(L.LightningModule):
         eval_teachers: report each teacher's and the ensemble's accuracy in validation
             (computed on the first validation epoch only: frozen teachers do not change)
             and test.
+        nonfinite: what a NaN/inf training loss does: ``"skip"`` the step (no update; a
+            warning naming the loss components at fault, counted in
+            ``train/nonfinite_steps``), ``"raise"`` a :class:`NonFiniteLossError` naming them,
+            or ``"ignore"`` (no check, no host sync).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class DistillationModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         eval_teachers: bool = True,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__()
         student_cfg = _as_config(student)
@@ -84,6 +94,11 @@ class DistillationModule(L.LightningModule):
                 f"{self.student.name} predicts {self.student.num_classes}; set num_classes "
                 "to the same value for all models"
             )
+        if nonfinite not in _NONFINITE_MODES:
+            raise ConfigError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        # A buffer, so the count survives checkpoints and resumes.
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(
                 f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
@@ -155,9 +170,11 @@ class DistillationModule(L.LightningModule):
         return total, parts, student_out
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         self._update_term_progress(batch_idx)
         total, parts, out = self.compute_losses(batch)
+        if self.nonfinite != "ignore" and self._loss_is_nonfinite(total):
+            return self._handle_nonfinite(parts, batch_idx)
         self.train_acc(out.logits, batch["target"])
         n = len(batch["target"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
@@ -195,6 +212,35 @@ class DistillationModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         probs = self.student(batch["image"]).logits.softmax(-1)
         return {"index": batch["index"], "probs": probs, "pred": probs.argmax(-1)}
+
+    def _loss_is_nonfinite(self, total: Tensor) -> bool:
+        bad = (~torch.isfinite(total.detach())).float()
+        if self._trainer is not None:
+            # Every rank must skip together, or DDP's gradient all-reduce would hang.
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad > 0)
+
+    def _handle_nonfinite(self, parts: dict[str, Tensor], batch_idx: int) -> None:
+        culprits = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
+        where = f"epoch {self.current_epoch}, batch {batch_idx}, global step {self.global_step}"
+        named = ", ".join(culprits) or "the total (components finite; another rank's batch)"
+        hint = (
+            "Lower the learning rate or the term's weight/temperature (OFA: eps), clip "
+            "gradients (trainer.gradient_clip_val), and check the data for NaN/inf pixels"
+        )
+        if self.nonfinite == "raise":
+            raise NonFiniteLossError(f"non-finite loss in {named} at {where}. {hint}.")
+        self.nonfinite_steps += 1
+        count = int(self.nonfinite_steps)
+        if count == 1 or count % 100 == 0:
+            warnings.warn(
+                f"skipped training step {count} with a non-finite loss in {named} at {where} "
+                f"(nonfinite: skip). {hint}; or set nonfinite: raise to stop.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.log("train/nonfinite_steps", float(count), batch_size=1)
+        return None
 
     def _update_term_progress(self, batch_idx: int) -> None:
         if not self.terms or self._trainer is None:
