@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -99,6 +100,34 @@ def export_main(args: list[str]) -> None:
     print(f"exported student to {out}/model.safetensors and {out}/config.json")
 
 
+def check_config_files(args: list[str]) -> None:
+    """Read every ``--config``/``-c`` YAML file first, so a missing or malformed file is one
+    line naming the file (jsonargparse reports ``<unicode string>`` after its usage text)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if value.lstrip().startswith(("{", "[")) or "\n" in value:
+            continue  # an inline YAML string, parsed by jsonargparse
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {value} (resolved: {path.resolve()})")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{value}:{where}: invalid YAML: {problem}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     try:
         if command in LIGHTNING_COMMANDS:
+            check_config_files(rest)
             lightning_main(None if argv is None else args)
         elif command == "export":
             export_main(rest)

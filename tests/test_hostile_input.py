@@ -1,0 +1,83 @@
+"""Bad input through the command line: each gets a clear message, never a traceback.
+
+The README's "Hostile input" table lists these cases and the tests elsewhere that cover
+the rest (checkpoints, data folders, zoo manifests, non-finite losses)."""
+
+import pytest
+import torch
+import yaml
+from test_cli import CONFIG, _write
+
+from visdistill.cli import main
+
+
+def _run(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "Traceback" not in err
+    return err
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  student: {name: resnet10t, num_classes: 10\n")
+    err = _run(["fit", "--config", str(path)], capsys)
+    assert f"{path}: line 3, column 1: invalid YAML" in err
+
+
+def test_missing_config_file_names_the_path(tmp_path, capsys):
+    err = _run(["fit", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert "config file not found" in err and "nope.yaml" in err
+
+
+def test_wrong_type_names_the_key(tmp_path, capsys):
+    err = _run(["fit", "--config", _write(tmp_path, CONFIG), "--trainer.max_epochs", "abc"], capsys)
+    assert 'Parser key "trainer.max_epochs"' in err and "abc" in err
+
+
+def test_unknown_class_path_is_named(tmp_path, capsys):
+    bad = {**CONFIG, "model": {**CONFIG["model"], "terms": [{"class_path": "visdistill.KDD"}]}}
+    err = _run(["fit", "--config", _write(tmp_path, bad)], capsys)
+    assert "visdistill.KDD" in err
+
+
+def test_unknown_zoo_teacher_gets_close_matches(tmp_path, capsys):
+    bad = {**CONFIG, "model": {**CONFIG["model"], "teachers": [{"name": "zoo:fmnist_resnet"}]}}
+    err = _run(["fit", "--config", _write(tmp_path, bad)], capsys)
+    assert "unknown zoo model zoo:fmnist_resnet. Did you mean: zoo:fmnist_resnet10t" in err
+
+
+def test_teacher_checkpoint_problems_are_one_line(tmp_path, capsys):
+    truncated = tmp_path / "t.pth"
+    torch.save({"fc.weight": torch.zeros(10, 512)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    for path, message in [
+        (tmp_path / "missing.safetensors", "checkpoint not found"),
+        (truncated, "cannot read checkpoint"),
+    ]:
+        teacher = {"name": "resnet10t", "num_classes": 10, "checkpoint": str(path)}
+        bad = {**CONFIG, "model": {**CONFIG["model"], "teachers": [teacher]}}
+        err = _run(["fit", "--config", _write(tmp_path, bad)], capsys)
+        assert message in err and str(path.name) in err
+        assert len(err.strip().splitlines()) <= 2  # "Seed set to 0" may precede it
+
+
+def test_class_count_mismatch_is_explained(tmp_path, capsys):
+    model = {**CONFIG["model"], "teachers": [{"name": "convnext_atto", "num_classes": 5}]}
+    err = _run(["fit", "--config", _write(tmp_path, {**CONFIG, "model": model})], capsys)
+    assert "teachers predict 5 classes but the student resnet10t predicts 10" in err
+
+
+def test_bad_stage_index_lists_the_stages(tmp_path, capsys):
+    terms = [{"class_path": "visdistill.TRG", "init_args": {"student_stage": 7}}]
+    model = {**CONFIG["model"], "terms": terms}
+    err = _run(["fit", "--config", _write(tmp_path, {**CONFIG, "model": model})], capsys)
+    assert "resnet10t has no stage(s) [7]; available stages: 0: act1 (64 ch, /2)" in err
+
+
+def test_config_is_valid_yaml_but_not_a_mapping(tmp_path, capsys):
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump([1, 2]))
+    err = _run(["fit", "--config", str(path)], capsys)
+    assert "error" in err.lower()
