@@ -29,6 +29,7 @@ commands:
   validate   evaluate on the validation split (LightningCLI)
   test       evaluate on the test split (LightningCLI)
   predict    run the student on the test split, write predictions.csv (LightningCLI)
+  cache      precompute teacher soft targets for replayed augmentations (FKD-style)
   export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
   cka        CKA heat map between the stages of two models (PNG + JSON/CSV)
   zoo        list | show | download | verify | evaluate the model zoo (zoo:<name> models)
@@ -50,7 +51,7 @@ class VisdistillCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # Our checkpoints hold only tensors and plain types: never unpickle code on resume.
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
 
@@ -80,6 +81,42 @@ def lightning_main(args: list[str] | None) -> VisdistillCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def cache_main(args: list[str]) -> None:
+    from .teacher_cache import build_teacher_cache
+
+    parser = argparse.ArgumentParser(
+        prog="visdistill cache",
+        description="Precompute the teachers' soft targets for E epochs of replayed "
+        "augmentations; then train with --model.teacher_cache DIR. Other options are the fit "
+        "config's (--config C.yaml, --data.init_args.train_subset ...).",
+    )
+    parser.add_argument("--out", required=True, help="cache directory")
+    parser.add_argument("--epochs", type=int, default=None, help="default: trainer.max_epochs")
+    parser.add_argument("--top-k", type=int, default=10, help="classes kept per sample")
+    parser.add_argument("--pooled", action="store_true", help="also store pooled features")
+    parser.add_argument("--batch-size", type=int, default=256)
+    ns, rest = parser.parse_known_args(args)
+    check_config_files(rest)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
+    try:
+        cli = VisdistillCLI(
+            DistillationModule,
+            VisionDataModule,
+            subclass_mode_data=True,
+            run=False,
+            args=rest,
+            save_config_callback=None,
+        )
+    finally:
+        sys.argv = argv
+    cli.datamodule.setup("fit")
+    epochs = ns.epochs or cli.trainer.max_epochs or 1
+    out = build_teacher_cache(
+        cli.model, cli.datamodule, ns.out, epochs, ns.top_k, ns.pooled, ns.batch_size
+    )
+    print(f"teacher cache written to {out}; train with --model.teacher_cache {out}")
 
 
 def export_main(args: list[str]) -> None:
@@ -140,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             lightning_main(None if argv is None else args)
         elif command == "export":
             export_main(rest)
+        elif command == "cache":
+            cache_main(rest)
         elif command == "cka":
             from .diagnostics.cli import cka_main
 

@@ -53,6 +53,10 @@ class DistillationModule(L.LightningModule):
             warning naming the loss components at fault, counted in
             ``train/nonfinite_steps``), ``"raise"`` a :class:`NonFiniteLossError` naming them,
             or ``"ignore"`` (no check, no host sync).
+        teacher_cache: directory built by ``visdistill cache`` (:mod:`visdistill.teacher_cache`):
+            training steps read the teachers' soft targets (and pooled features) from it
+            instead of running the teachers; checked against the teachers, data and
+            augmentation when fit starts. Terms that read teacher stages cannot use it.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class DistillationModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         eval_teachers: bool = True,
         nonfinite: str = "skip",
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         student_cfg = _as_config(student)
@@ -118,6 +123,15 @@ class DistillationModule(L.LightningModule):
                 wanted[i].update(stages)
         self.teacher_stages = [tuple(sorted(s)) for s in wanted]
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
+        self.teacher_cache_dir, self._cache = teacher_cache, None
+        if teacher_cache is not None:
+            staged = [type(t).__name__ for t in self.terms if t.teacher_stages]
+            if staged or self.teachers is None:
+                raise ConfigError(
+                    "the teacher cache stores teacher logits and pooled features only; "
+                    + (f"{', '.join(staged)} read teacher stages" if staged else "no teachers")
+                    + ": remove teacher_cache or those terms"
+                )
         weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
         if len(weighting) > 1:
             raise ConfigError(
@@ -155,9 +169,12 @@ class DistillationModule(L.LightningModule):
         }
         total = self.ce_weight * parts["ce"]
         if self.terms:
-            teacher_outs = self.teachers(
-                images, stages=self.teacher_stages, pooled=self.needs_pooled
-            )
+            if self._cache is not None and self.training:
+                teacher_outs = self._cache.lookup(self.current_epoch, batch["index"], self.device)
+            else:
+                teacher_outs = self.teachers(
+                    images, stages=self.teacher_stages, pooled=self.needs_pooled
+                )
             weights = None
             for term in self.terms:
                 if term.provides_teacher_weights:
@@ -293,6 +310,17 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._check_data_classes()
+        if self.teacher_cache_dir is not None:
+            from .teacher_cache import TeacherCache
+
+            cache = TeacherCache.open(self.teacher_cache_dir)
+            cache.check(self, self.trainer.datamodule, self.trainer.max_epochs)
+            if self.needs_pooled and not cache.manifest["pooled"]:
+                raise ConfigError(
+                    f"a term reads pooled teacher features but the teacher cache "
+                    f"{self.teacher_cache_dir} has none; rebuild it with --pooled"
+                )
+            self._cache = cache
         for term in self.terms:
             term.on_fit_start(self)
 

@@ -8,6 +8,7 @@ cannot be saved for the backward pass of the student's losses.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -120,3 +121,15 @@ def per_teacher_stages(stages, n: int) -> list[tuple[int, ...]]:
     if len(stages) != n:
         raise ConfigError(f"got stage lists for {len(stages)} teachers, but there are {n}")
     return [tuple(s) for s in stages]
+
+
+def teacher_fingerprint(teachers: Sequence[Backbone]) -> str:
+    """sha256 over the teachers' names, input specs and every weight and buffer: caches
+    derived from teachers (class means, soft targets) are keyed on it."""
+    h = hashlib.sha256()
+    for teacher in teachers:
+        h.update(f"{teacher.name}|{teacher.input_spec}".encode())
+        for key, value in sorted(teacher.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

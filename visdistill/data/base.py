@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
+from .replay import EpochSampler, ReplayCropFlip
 
 
 def split_indices(
@@ -67,10 +68,14 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        # (epoch, position) keys come from EpochSampler: replayable augmentation.
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         j = int(self.indices[i])
         img = self.images[j]
-        if self.transform is not None:
+        if isinstance(self.transform, ReplayCropFlip):
+            img = self.transform(img, epoch, j)
+        elif self.transform is not None:
             img = self.transform(img)
         img = img.float().div_(255)
         if img.shape[0] == 1:
@@ -85,11 +90,15 @@ class VisionDataModule(L.LightningDataModule):
         batch_size: per-device batch size.
         num_workers: DataLoader workers (0 keeps everything in the main process).
         image_size: side of the canonical square images.
-        augment: random crop (padding ``image_size // 8``) and horizontal flip on train.
+        augment: random crop (padding ``image_size // 8``) and horizontal flip on train;
+            for in-memory sets the crop and flip of a sample in an epoch are a function of
+            ``seed``, the epoch and the sample (:class:`ReplayCropFlip`), so the teacher
+            cache can replay them.
         val_split: fraction (< 1) or count (>= 1) of training samples held out for validation.
         train_subset: use only this many training samples (after the carve-out).
         test_subset: evaluate on this many test samples (seeded random subset).
-        seed: seeds the split and subsets (not the training run).
+        seed: seeds the split, subsets and augmentation parameters (the shuffle order
+            follows the training run's seed).
     """
 
     num_classes: int = 0
@@ -160,15 +169,27 @@ class ArrayDataModule(VisionDataModule):
         )
         return resized.round_().clamp_(0, 255).to(torch.uint8)
 
-    def _train_transform(self) -> v2.Transform | None:
+    def _train_transform(self) -> ReplayCropFlip | None:
         if not self.augment:
             return None
-        return v2.Compose(
-            [
-                v2.RandomCrop(self.image_size, padding=self.image_size // 8),
-                v2.RandomHorizontalFlip(),
-            ]
+        return ReplayCropFlip(self.image_size, self.image_size // 8, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        # torch.initial_seed() is the run's seed (seed_everything): shuffles differ per run,
+        # augmentation parameters do not.
+        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=torch.initial_seed() % 2**31)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
+
+    def augmentation(self) -> dict | None:
+        """Description of the train augmentation (``None`` when off), for cache manifests."""
+        t = self.train_set.transform if self.train_set is not None else None
+        return t.describe() if isinstance(t, ReplayCropFlip) else None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:

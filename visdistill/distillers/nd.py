@@ -20,6 +20,7 @@ from ..checkpoints import atomic_write
 from ..errors import CheckpointError, ConfigError
 from ..losses.nd import nd_loss
 from ..models import Backbone, ModelOutput
+from ..teachers import teacher_fingerprint
 from .base import DistillTerm, uniform_or
 
 
@@ -189,12 +190,7 @@ def class_means_key(
 ) -> str:
     """Cache key of class means: a hash of the teachers' names and weights, the data
     module's class and hyper-parameters, the number of samples and ``augmented``."""
-    h = hashlib.sha256()
-    for teacher in teachers:
-        h.update(teacher.name.encode())
-        for key, value in sorted(teacher.state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    h = hashlib.sha256(teacher_fingerprint(list(teachers)).encode())
     data_id = {
         "datamodule": type(datamodule).__qualname__ if datamodule is not None else None,
         "hparams": {k: repr(v) for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items()},
