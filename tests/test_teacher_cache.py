@@ -26,6 +26,8 @@ def test_epoch_sampler_shuffles_per_epoch_and_yields_epoch_keys():
     second = list(sampler)
     assert {e for e, _ in first} == {0} and {e for e, _ in second} == {1}
     assert sorted(i for _, i in second) == list(range(10)) and first != second
+    # Without set_epoch (Lightning's DDP wrapper does not forward it) it counts epochs itself.
+    assert {e for e, _ in sampler} == {2}
 
 
 def _module(**kw):

@@ -213,7 +213,8 @@ class DistillationModule(L.LightningModule):
         total, parts, out = self.compute_losses(batch)
         if self.nonfinite != "ignore" and self._loss_is_nonfinite(total):
             return self._handle_nonfinite(parts, batch_idx)
-        self.train_acc(out.logits, batch["target"])
+        # update(), not __call__: the epoch value is all we log, no per-batch compute.
+        self.train_acc.update(out.logits.detach(), batch["target"])
         n = len(batch["target"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)

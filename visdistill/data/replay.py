@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Sampler
@@ -48,34 +47,31 @@ class ReplayCropFlip:
 
 class EpochSampler(Sampler):
     """Yields ``(epoch, position)`` keys so the dataset knows which epoch's augmentation to
-    apply; Lightning calls :meth:`set_epoch` before every training epoch.
+    apply, shuffled with a generator seeded by ``seed`` and the epoch.
 
-    Shuffles with a generator seeded by ``seed`` and the epoch. Under an initialised
-    ``torch.distributed`` group it shards by rank itself (every rank gets the same
-    number of keys), so use it with ``trainer.use_distributed_sampler: false``.
+    Lightning calls :meth:`set_epoch` before every training epoch. Under DDP, Lightning wraps
+    this sampler in its distributed wrapper, which does not forward ``set_epoch``; the
+    sampler then counts its own epochs (one per iteration), which matches as long as the
+    run is not resumed mid-way under DDP.
     """
 
     def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, int(seed), 0
+        self._told, self._iterated = False, False
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        self.epoch, self._told = int(epoch), True
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self._order()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            rank, world = dist.get_rank(), dist.get_world_size()
-            per_rank = -(-len(order) // world)
-            order = (order * 2)[: per_rank * world][rank::world]
+        if self._iterated and not self._told:
+            self.epoch += 1
+        self._told, self._iterated = False, True
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return -(-self.n // dist.get_world_size())
         return self.n
