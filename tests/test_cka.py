@@ -196,7 +196,9 @@ def test_callback_logs_student_teacher_cka(tmp_path):
         student=ModelConfig("resnet10t", num_classes=10),
         teachers=[ModelConfig("convnext_atto", num_classes=10)],
     )
-    callback = CKACallback(num_batches=2, student_stages=(2, 4), teacher_stages=(0, 3))
+    callback = CKACallback(
+        num_samples=64, batch_size=32, student_stages=(2, 4), teacher_stages=(0, 3)
+    )
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=2,
@@ -247,3 +249,87 @@ def test_accumulator_all_reduces_under_ddp():
     assert torch.allclose(out[0], expected, atol=1e-12) and torch.allclose(
         out[1], expected, atol=1e-12
     )
+
+
+def _ddp_idle_rank_worker(rank, world, port, x, y, out):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    acc = MinibatchCKA(1, 1)
+    if rank == 0:  # rank 1 gets no batch at all
+        acc.update([x[:64]], [y[:64]])
+    out[rank] = acc.compute()
+    dist.destroy_process_group()
+
+
+def test_a_rank_without_batches_does_not_hang_the_others():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 5, generator=g)
+    single = MinibatchCKA(1, 1)
+    single.update([x], [y])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_idle_rank_worker, args=(2, port, x, y, out), nprocs=2, join=True)
+    assert torch.allclose(out[0], single.compute()) and torch.equal(out[0], out[1])
+
+
+def test_compute_without_batches_is_a_clear_error():
+    with pytest.raises(ValueError, match="saw no batches"):
+        MinibatchCKA(2, 2).compute()
+
+
+def test_callback_uses_a_fixed_random_validation_subset_and_warns_without_teachers():
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from visdistill.diagnostics import CKACallback
+
+    class SortedByClass(Dataset):  # like an image folder: class 0 first, then class 1 ...
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 8, 8), "target": torch.tensor(i // 100)}
+
+    class FakeTrainer:
+        datamodule, global_rank, world_size = None, 0, 1
+        val_dataloaders = DataLoader(SortedByClass(), batch_size=50)
+
+    callback = CKACallback(num_samples=100, batch_size=25, seed=3)
+    first = [b["target"] for b in callback.subset_loader(FakeTrainer())]
+    again = [b["target"] for b in callback.subset_loader(FakeTrainer())]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert len(torch.cat(first).unique()) == 10  # every class, not just the first batches'
+    assert sum(len(t) for t in first) == 100
+
+    class NoTeachers(L.LightningModule):
+        teachers = None
+
+    class Sanity:
+        sanity_checking, current_epoch = False, 0
+
+    with pytest.warns(UserWarning, match="needs a teacher"):
+        callback.on_validation_epoch_end(Sanity(), NoTeachers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only: a second warning would raise
+        callback.on_validation_epoch_end(Sanity(), NoTeachers())
+
+
+def test_plot_does_not_switch_the_matplotlib_backend(tmp_path):
+    import matplotlib
+
+    from visdistill.diagnostics import plot_cka
+
+    before = matplotlib.get_backend()
+    plot_cka(torch.eye(2, dtype=torch.float64), ["a", "b"], ["c", "d"], tmp_path / "x.png")
+    assert matplotlib.get_backend() == before and (tmp_path / "x.png").stat().st_size > 0

@@ -168,3 +168,27 @@ def test_command_missing_data_folder_names_the_path(tmp_path, capsys):
         main(["cka", "--model-a", "resnet10t", "--model-b", "resnet10t", "--data", str(missing)])
     assert e.value.code == 1
     assert "no_such_images" in capsys.readouterr().err
+
+
+def test_command_rejects_tiny_batches_and_unknown_matrix_suffix(tmp_path, capsys):
+    for extra, message in [
+        (["--batch-size", "3"], "needs at least 4 examples per batch"),
+        (["--matrix", str(tmp_path / "m.txt")], "must end in .csv or .json"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["cka", "--model-a", "resnet10t", "--model-b", "resnet10t", "--data", "digits",
+                  "--out", str(tmp_path / "x.png"), *extra])  # fmt: skip
+        assert e.value.code == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()  # refused before any work
+
+
+def test_command_reads_num_classes_from_the_exported_config(tmp_path):
+    from visdistill import zoo
+
+    weights = zoo.weights_path("fmnist_resnet10t")  # next to a config.json with 10 classes
+    out = tmp_path / "m.json"
+    main(["cka", "--model-a", "resnet10t", "--checkpoint-a", str(weights),
+          "--model-b", "zoo:fmnist_convnext_atto", "--data", "digits", "--num-samples", "64",
+          "--batch-size", "32", "--layers-a", "4", "--layers-b", "3",
+          "--out", str(tmp_path / "x.png"), "--matrix", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["rows"] == ["4:layer4"]

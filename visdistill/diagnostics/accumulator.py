@@ -58,10 +58,19 @@ class MinibatchCKA(nn.Module):
         self.batches += 1
 
     def compute(self) -> Tensor:
-        """The ``(P, Q)`` CKA matrix of everything seen so far (all ranks under DDP)."""
-        sums = [self.s_ab.clone(), self.s_aa.clone(), self.s_bb.clone()]
+        """The ``(P, Q)`` CKA matrix of everything seen so far (all ranks under DDP).
+
+        Every rank must call it, also a rank that saw no batch (it contributes zeros):
+        the check for "no batches at all" comes after the all-reduce, so no rank hangs.
+        """
+        sums = [self.s_ab.clone(), self.s_aa.clone(), self.s_bb.clone(), self.batches.clone()]
         if dist.is_available() and dist.is_initialized():
             for s in sums:
                 dist.all_reduce(s)
-        s_ab, s_aa, s_bb = sums
+        s_ab, s_aa, s_bb, batches = sums
+        if batches == 0:
+            raise ValueError(
+                "MinibatchCKA saw no batches (each needs more than 3 examples); "
+                "give it more samples or a larger batch size"
+            )
         return s_ab / torch.sqrt(s_aa[:, None] * s_bb[None, :])

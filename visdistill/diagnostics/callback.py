@@ -6,20 +6,28 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
 
+from ..errors import ConfigError
 from .heatmap import cka_matrix, plot_cka
 
 
 class CKACallback(L.Callback):
     """Every ``every_n_epochs``, linear CKA between student and one teacher's stages.
 
-    Uses the first ``num_batches`` validation batches (a fixed subset, since the validation
-    loader is not shuffled), under ``no_grad``, restoring the student's mode after. Logs
-    ``cka/s<i>_t<j>`` numbers and, with a TensorBoard logger, the heat map image.
+    Uses a fixed random subset of the validation set: ``num_samples`` examples drawn once
+    with ``seed`` (not the first batches, which on class-sorted image folders would all be
+    one class), the same samples every time. Runs under ``no_grad``, restoring the
+    student's mode after. Logs ``cka/s<i>_t<j>`` numbers and, with a TensorBoard logger,
+    the heat map image. Under DDP each rank takes its share of the subset and the HSIC
+    sums are all-reduced.
 
     Args:
         every_n_epochs: how often to compute.
-        num_batches: validation batches used (each must hold more than 3 samples).
+        num_samples: validation examples used (fewer if the validation set is smaller).
+        batch_size: examples per CKA batch (>= 4; the HSIC_1 estimator needs 4).
+        seed: draws the subset.
         student_stages / teacher_stages: stage indices; default all.
         teacher_index: which teacher of the ensemble.
     """
@@ -27,33 +35,63 @@ class CKACallback(L.Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        num_batches: int = 4,
+        num_samples: int = 512,
+        batch_size: int = 128,
+        seed: int = 0,
         student_stages: Sequence[int] | None = None,
         teacher_stages: Sequence[int] | None = None,
         teacher_index: int = 0,
     ) -> None:
-        self.every_n_epochs, self.num_batches = every_n_epochs, num_batches
+        if batch_size < 4:
+            raise ConfigError(f"CKACallback batch_size must be >= 4 (HSIC_1), got {batch_size}")
+        self.every_n_epochs, self.num_samples, self.batch_size = (
+            every_n_epochs,
+            num_samples,
+            batch_size,
+        )
+        self.seed = seed
         self.student_stages, self.teacher_stages = student_stages, teacher_stages
         self.teacher_index = teacher_index
         self.last_matrix: torch.Tensor | None = None
+        self._warned = False
+
+    def subset_loader(self, trainer: L.Trainer) -> DataLoader:
+        """The fixed validation subset this callback measures on (this rank's share)."""
+        dm = getattr(trainer, "datamodule", None)
+        source = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
+        if isinstance(source, (list, tuple)):
+            source = source[0]
+        dataset = source.dataset
+        g = torch.Generator().manual_seed(self.seed)
+        picked = torch.randperm(len(dataset), generator=g)[: self.num_samples].sort().values
+        picked = picked[trainer.global_rank :: trainer.world_size].tolist()
+        return DataLoader(
+            Subset(dataset, picked),
+            batch_size=self.batch_size,
+            collate_fn=source.collate_fn,
+            num_workers=source.num_workers,
+        )
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if pl_module.teachers is None:
+            if not self._warned:
+                rank_zero_warn("CKACallback needs a teacher to compare with; it is disabled")
+                self._warned = True
             return
         student, teacher = pl_module.student, pl_module.teachers[self.teacher_index]
         s_stages = list(self.student_stages or range(len(student.feature_info)))
         t_stages = list(self.teacher_stages or range(len(teacher.feature_info)))
         matrix, rows, cols = cka_matrix(
-            student, teacher, trainer.val_dataloaders, s_stages, t_stages,
-            progress=False, max_batches=self.num_batches,
-        )  # fmt: skip
+            student, teacher, self.subset_loader(trainer), s_stages, t_stages, progress=False
+        )
         self.last_matrix = matrix
         for i, s in enumerate(s_stages):
             for j, t in enumerate(t_stages):
-                pl_module.log(f"cka/s{s}_t{t}", float(matrix[i, j]), sync_dist=False)
+                # Identical on every rank (the sums were all-reduced): syncing is a no-op mean.
+                pl_module.log(f"cka/s{s}_t{t}", float(matrix[i, j]), sync_dist=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             import tempfile

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..models import Backbone
-from .heatmap import cka_matrix, plot_cka, save_cka
+from .heatmap import MATRIX_SUFFIXES, cka_matrix, plot_cka, save_cka
 
 
 def _stages(text: str | None) -> list[int] | None:
@@ -44,6 +44,18 @@ def _dataset(data: str, num_samples: int | None, image_size: int, seed: int):
     return dm.test_set
 
 
+def _num_classes_beside(checkpoint: str) -> int | None:
+    """``num_classes`` from the timm ``config.json`` next to a weights file (what
+    ``visdistill export`` writes), or ``None``."""
+    config = Path(checkpoint).parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["num_classes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{config} has no usable num_classes ({e}); pass --num-classes") from e
+
+
 def cka_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="visdistill cka",
@@ -51,11 +63,16 @@ def cka_main(args: list[str]) -> None:
         "writes a PNG heat map and optionally the matrix.",
     )
     for side in ("a", "b"):
-        parser.add_argument(f"--model-{side}", required=True, help="timm model name")
+        parser.add_argument(f"--model-{side}", required=True, help="timm model name or zoo:<name>")
         parser.add_argument(f"--checkpoint-{side}", default=None, help="weights file")
         parser.add_argument(f"--model-kwargs-{side}", default="{}", help="JSON timm kwargs")
         parser.add_argument(f"--layers-{side}", default=None, help="stage indices, e.g. 0,2,4")
-    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier width; default: the config.json beside the checkpoint, or the model's",
+    )
     parser.add_argument("--data", default="fashion-mnist", help="digits | fashion-mnist | folder")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=2048)
@@ -65,6 +82,17 @@ def cka_main(args: list[str]) -> None:
     parser.add_argument("--out", default="cka.png", help="PNG heat map")
     parser.add_argument("--matrix", default=None, help="also write the matrix (.json or .csv)")
     ns = parser.parse_args(args)
+    # Fail before loading anything: these are the cheap mistakes.
+    if ns.batch_size < 4:
+        raise ConfigError(
+            f"--batch-size {ns.batch_size} is too small: the unbiased HSIC_1 estimator needs "
+            "at least 4 examples per batch; use --batch-size 4 or more (256 is a good default)"
+        )
+    if ns.matrix and Path(ns.matrix).suffix not in MATRIX_SUFFIXES:
+        raise ConfigError(
+            f"--matrix {ns.matrix}: the file name must end in {' or '.join(MATRIX_SUFFIXES)} "
+            "(the format follows the suffix)"
+        )
 
     models = []
     for side in ("a", "b"):
@@ -72,11 +100,15 @@ def cka_main(args: list[str]) -> None:
             kwargs = json.loads(getattr(ns, f"model_kwargs_{side}"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"--model-kwargs-{side} is not valid JSON: {e}") from e
+        checkpoint = getattr(ns, f"checkpoint_{side}")
+        num_classes = ns.num_classes
+        if num_classes is None and checkpoint:
+            num_classes = _num_classes_beside(checkpoint)
         models.append(
             Backbone(
                 getattr(ns, f"model_{side}"),
-                num_classes=ns.num_classes,
-                checkpoint=getattr(ns, f"checkpoint_{side}"),
+                num_classes=num_classes,
+                checkpoint=checkpoint,
                 model_kwargs=kwargs,
             )
         )

@@ -13,8 +13,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..checkpoints import atomic_write
+from ..errors import ConfigError
 from ..models import Backbone
 from .accumulator import MinibatchCKA
+
+MATRIX_SUFFIXES = (".csv", ".json")
 
 
 def stage_names(model: Backbone, stages: Sequence[int]) -> list[str]:
@@ -64,9 +67,13 @@ def cka_matrix(
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
-    if acc.batches == 0:
-        raise ValueError("the loader yielded no batches (too few samples for drop_last?)")
-    return acc.compute().cpu(), stage_names(model_a, stages_a), stage_names(model_b, stages_b)
+    # compute() all-reduces before it checks for "no batches", so under DDP a rank that got
+    # no batch cannot leave the others waiting.
+    try:
+        matrix = acc.compute().cpu()
+    except ValueError as e:
+        raise ValueError(f"{e} (the loader yielded no usable batch)") from None
+    return matrix, stage_names(model_a, stages_a), stage_names(model_b, stages_b)
 
 
 def plot_cka(
@@ -76,13 +83,17 @@ def plot_cka(
     path: str | Path,
     title: str = "",
 ):
-    """Heat map PNG: model A's stages on the y axis (origin lower), B's on the x axis."""
-    import matplotlib
+    """Heat map PNG: model A's stages on the y axis (origin lower), B's on the x axis.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses a bare ``Figure`` with the Agg canvas: no pyplot state, no backend switch for the
+    caller's process.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names_b), 1.0 + 0.7 * len(names_a)))
+    fig = Figure(figsize=(1.2 + 0.9 * len(names_b), 1.0 + 0.7 * len(names_a)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     im = ax.imshow(matrix.numpy(), origin="lower", vmin=0, vmax=1, cmap="magma")
     ax.set_xticks(range(len(names_b)), names_b, rotation=45, ha="right")
     ax.set_yticks(range(len(names_a)), names_a)
@@ -112,6 +123,11 @@ def save_cka(
 ) -> None:
     """The matrix as JSON (``{"rows", "cols", "cka"}``) or CSV, chosen by the extension."""
     path = Path(path)
+    if path.suffix not in MATRIX_SUFFIXES:
+        raise ConfigError(
+            f"cannot write a CKA matrix as {path.suffix or 'a file without suffix'!r} ({path}); "
+            f"use one of {', '.join(MATRIX_SUFFIXES)}"
+        )
     if path.suffix == ".csv":
         lines = [",".join(["", *names_b])]
         lines += [
