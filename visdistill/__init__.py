@@ -11,7 +11,7 @@ from .data import (
     VisionDataModule,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
-from .distillers import DKD, KD, ND, OFA, TRG, DistillTerm
+from .distillers import DKD, KD, MEALV2, ND, OFA, TRG, UNIC, DistillTerm, MSTRouting
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -31,9 +31,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DKD",
     "KD",
+    "MEALV2",
+    "MSTRouting",
     "ND",
     "OFA",
     "TRG",
+    "UNIC",
     "Backbone",
     "CIFARDataModule",
     "CKACallback",

@@ -3,9 +3,12 @@
 from .base import DistillTerm
 from .dkd import DKD
 from .kd import KD
+from .meal_v2 import MEALV2, OutputDiscriminator
+from .mst import MSTRouting
 from .nd import ND, EmbeddingProjector
 from .ofa import OFA, CNNExit, TokenExit
 from .trg import TRG
+from .unic import UNIC, RunningStandardizer
 
 __all__ = [
     "CNNExit",
@@ -13,8 +16,13 @@ __all__ = [
     "DistillTerm",
     "EmbeddingProjector",
     "KD",
+    "MEALV2",
+    "MSTRouting",
     "ND",
     "OFA",
+    "OutputDiscriminator",
+    "RunningStandardizer",
     "TRG",
     "TokenExit",
+    "UNIC",
 ]

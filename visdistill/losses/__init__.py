@@ -2,6 +2,13 @@
 
 from .dkd import dkd_loss
 from .kd import kd_loss, soft_cross_entropy
+from .multi_teacher import (
+    discriminator_loss,
+    feature_match_loss,
+    load_balancing_loss,
+    teacher_drop_coefficients,
+    topk_weights,
+)
 from .nd import nd_loss
 from .ofa import ofa_loss
 from .trg import (
@@ -14,12 +21,17 @@ from .trg import (
 
 __all__ = [
     "cosine_temperature",
+    "discriminator_loss",
     "dkd_loss",
+    "feature_match_loss",
     "feature_map_tokens",
     "kd_loss",
+    "load_balancing_loss",
     "nd_loss",
     "ofa_loss",
     "soft_cross_entropy",
+    "teacher_drop_coefficients",
+    "topk_weights",
     "trg_contextual_loss",
     "trg_global_loss",
     "trg_local_loss",
