@@ -129,7 +129,7 @@ def test_cached_training_never_runs_teachers_and_matches_live_training(tmp_path,
 
         def record(batch):
             total, parts, student = original(batch)
-            losses.append(float(total))
+            losses.append(total.detach().item())
             return total, parts, student
 
         module.compute_losses = record
