@@ -167,3 +167,18 @@ def test_pooled_features_are_cached_for_nd(tmp_path):
                                  progress=False)  # fmt: skip
     outs = TeacherCache.open(pooled).lookup(0, dm.train_set.indices[:4])
     assert outs[1].pooled.shape == (4, 192)
+
+
+def test_cache_and_fit_through_the_cli(tmp_path, capsys):
+    from test_cli import CONFIG, _write
+
+    from visdistill.cli import main
+
+    config = _write(tmp_path, {**CONFIG, "trainer": {**CONFIG["trainer"], "max_epochs": 2}})
+    main(["cache", "--config", config, "--out", str(tmp_path / "cache"), "--batch-size", "64"])
+    assert "teacher cache written" in capsys.readouterr().out
+    main(["fit", "--config", config, "--model.teacher_cache", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit):  # a run longer than the cache is refused, in one line
+        main(["fit", "--config", config, "--model.teacher_cache", str(tmp_path / "cache"),
+              "--trainer.max_epochs", "3"])  # fmt: skip
+    assert "holds 2 epochs of augmentations but the run trains 3" in capsys.readouterr().err
