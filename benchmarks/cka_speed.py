@@ -4,6 +4,7 @@ resident memory is its own.
 
     pip install --no-deps torch-cka
     python benchmarks/cka_speed.py [--sizes 512 2048 4096] [--batch-size 256]
+    python benchmarks/cka_speed.py --update   # MinibatchCKA.update alone (no torch-cka)
 
 Models: the shipped Fashion-MNIST teacher resnet10t vs a mobilenetv3_small_050 student
 (random init), all 5 stages each; Fashion-MNIST test images. Both tools see identical
@@ -81,12 +82,63 @@ def worker(method: str, n: int, batch_size: int) -> dict:
     }
 
 
+def update_speed(batch_size: int, layers: int = 5, dim: int = 4096, reps: int = 20) -> None:
+    """``MinibatchCKA.update`` (float32 Grams, batched HSIC_1 cross terms, float64 sums)
+    against the plain float64 path (``gram_linear`` + ``hsic1`` row by row) on ``layers`` x
+    ``layers`` ReLU-like ``dim``-d features of one batch; medians of ``reps`` runs."""
+    import torch
+
+    from visdistill.diagnostics import MinibatchCKA, gram_linear, hsic1
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(batch_size, 64, generator=g)
+
+    def layer():
+        w = torch.randn(64, dim, generator=g) / 8
+        return torch.relu(base @ w + 0.5 * torch.randn(batch_size, dim, generator=g)) + 1.0
+
+    feats_a, feats_b = [layer() for _ in range(layers)], [layer() for _ in range(layers)]
+
+    def float64_path():
+        grams_a = torch.stack([gram_linear(f) for f in feats_a])
+        grams_b = torch.stack([gram_linear(f) for f in feats_b])
+        s_ab = torch.stack([hsic1(k[None], grams_b) for k in grams_a])
+        return s_ab / torch.sqrt(hsic1(grams_a, grams_a)[:, None] * hsic1(grams_b, grams_b))
+
+    acc = MinibatchCKA(layers, layers)
+    runs = {"float64": float64_path, "MinibatchCKA.update": lambda: acc.update(feats_a, feats_b)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps + 1):  # interleaved; the first round is a warm-up
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: sorted(t[1:])[reps // 2] * 1e3 for name, t in times.items()}
+    acc.reset()
+    acc.update(feats_a, feats_b)
+    diff = (acc.compute() - float64_path()).abs().max().item()
+    print(f"{layers}x{layers} layers, batch {batch_size}, {dim}-d features, median of {reps}:")
+    for name, ms in medians.items():
+        print(f"  {name:20s} {ms:7.1f} ms")
+    print(
+        f"  speed-up {medians['float64'] / medians['MinibatchCKA.update']:.2f}x, "
+        f"max |CKA difference| {diff:.1e}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--update", action="store_true", help="time MinibatchCKA.update alone, then exit"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.update:
+        update_speed(ns.batch_size)
+        return
     if ns.worker:
         print(json.dumps(worker(ns.worker[0], int(ns.worker[1]), ns.batch_size)))
         return

@@ -326,10 +326,196 @@ def test_callback_uses_a_fixed_random_validation_subset_and_warns_without_teache
 
 
 def test_plot_does_not_switch_the_matplotlib_backend(tmp_path):
-    import matplotlib
+    """In a fresh process whose backend is not Agg: plot_cka must leave it alone (it used to
+    call matplotlib.use("Agg"))."""
+    import subprocess
+    import sys
 
-    from visdistill.diagnostics import plot_cka
+    png = tmp_path / "x.png"
+    code = (
+        "import matplotlib, torch\n"
+        "matplotlib.use('svg')\n"
+        "from visdistill.diagnostics import plot_cka\n"
+        f"plot_cka(torch.eye(2, dtype=torch.float64), ['a', 'b'], ['c', 'd'], {str(png)!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    before = matplotlib.get_backend()
-    plot_cka(torch.eye(2, dtype=torch.float64), ["a", "b"], ["c", "d"], tmp_path / "x.png")
-    assert matplotlib.get_backend() == before and (tmp_path / "x.png").stat().st_size > 0
+
+class _SortedByClass(torch.utils.data.Dataset):
+    """Like an image folder: 100 examples of class 0, then 100 of class 1, ..."""
+
+    def __init__(self, n=1000):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {
+            "image": torch.full((3, 8, 8), i / self.n),
+            "target": torch.tensor(i * 10 // self.n),
+        }
+
+
+def _fake_trainer(dataset, rank=0, world=1, batch_size=50):
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    return SimpleNamespace(
+        datamodule=None,
+        global_rank=rank,
+        world_size=world,
+        val_dataloaders=DataLoader(dataset, batch_size=batch_size),
+        sanity_checking=False,
+        current_epoch=0,
+        logger=None,
+    )
+
+
+def test_callback_subset_batches_mix_classes():
+    """Each CKA batch is a random draw: per-batch HSIC_1 on class-sorted batches would only
+    see within-class structure."""
+    from visdistill.diagnostics import CKACallback
+
+    callback = CKACallback(num_samples=100, batch_size=25, seed=3)
+    for batch in callback.subset_loader(_fake_trainer(_SortedByClass())):
+        assert len(batch["target"].unique()) >= 6
+
+
+def test_callback_subset_smaller_dataset_and_short_tail():
+    """A validation set smaller than num_samples is used whole; a 1-3 example tail (which
+    HSIC_1 cannot use) is dropped up front; under DDP the ranks' shares are disjoint."""
+    from visdistill.diagnostics import CKACallback
+
+    callback = CKACallback(num_samples=512, batch_size=8, seed=0)
+    sizes = [len(b["target"]) for b in callback.subset_loader(_fake_trainer(_SortedByClass(30)))]
+    assert sizes == [8, 8, 8, 6]
+    sizes = [len(b["target"]) for b in callback.subset_loader(_fake_trainer(_SortedByClass(27)))]
+    assert sizes == [8, 8, 8]
+    shares = [
+        torch.cat([b["image"][:, 0, 0, 0] for b in callback.subset_loader(t)])
+        for t in (_fake_trainer(_SortedByClass(40), r, 2) for r in (0, 1))
+    ]
+    assert len(shares[0]) == len(shares[1]) == 20
+    assert len(torch.cat(shares).unique()) == 40
+
+
+def test_callback_warns_at_setup_when_the_module_has_no_teacher():
+    """Also for a LightningModule without a ``teachers`` attribute at all, and only once."""
+    import warnings
+
+    import lightning as L
+
+    from visdistill.diagnostics import CKACallback
+
+    callback = CKACallback()
+    trainer = _fake_trainer(_SortedByClass(8))
+    with pytest.warns(UserWarning, match="needs a teacher.*disabled"):
+        callback.setup(trainer, L.LightningModule(), "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_validation_epoch_end(trainer, L.LightningModule())
+    assert callback.last_matrix is None
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    from visdistill import DistillationModule, ModelConfig
+
+    return DistillationModule(
+        student=ModelConfig("resnet10t", num_classes=10),
+        teachers=[ModelConfig("resnet10t", num_classes=10)],
+    )
+
+
+def test_callback_with_too_few_validation_samples_warns_instead_of_failing(tiny_module):
+    from visdistill.diagnostics import CKACallback
+
+    callback = CKACallback(batch_size=4, student_stages=(1,), teacher_stages=(1,))
+    with pytest.warns(UserWarning, match="CKACallback skipped epoch 0.*no batches"):
+        callback.on_validation_epoch_end(_fake_trainer(_SortedByClass(3)), tiny_module)
+    assert callback.last_matrix is None
+
+
+def test_cka_matrix_skips_short_batches_with_a_note(tiny_module):
+    from torch.utils.data import DataLoader, Subset
+
+    from visdistill.diagnostics import cka_matrix
+
+    data = [{"image": torch.rand(3, 16, 16)} for _ in range(18)]
+    student, teacher = tiny_module.student, tiny_module.teachers[0]
+    with pytest.warns(UserWarning, match=r"skipped 1 batch.*sizes \[2\].*needs 4"):
+        got, _, _ = cka_matrix(student, teacher, DataLoader(data, batch_size=8), progress=False)
+    full, _, _ = cka_matrix(
+        student, teacher, DataLoader(Subset(data, range(16)), batch_size=8), progress=False
+    )
+    assert torch.equal(got, full)
+
+
+def _ddp_callback_worker(rank, world, port, module, out):
+    import torch.distributed as dist
+
+    from visdistill.diagnostics import CKACallback
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, (value, kw))
+    callback = CKACallback(num_samples=7, batch_size=4, student_stages=(1, 2), teacher_stages=(3,))
+    # 7 samples: rank 0 gets 4 (one batch), rank 1 gets 3 (none): it must still join the
+    # all-reduce, and both ranks must end with the same matrix.
+    callback.on_validation_epoch_end(_fake_trainer(_SortedByClass(50), rank, world), module)
+    out[rank] = (callback.last_matrix, logged)
+    dist.destroy_process_group()
+
+
+def test_callback_under_ddp_with_an_idle_rank(tiny_module):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_callback_worker, args=(2, port, tiny_module, out), nprocs=2, join=True)
+    (m0, log0), (m1, log1) = out[0], out[1]
+    assert m0.shape == (2, 1) and torch.isfinite(m0).all() and torch.equal(m0, m1)
+    assert log0 == log1 and set(log0) == {"cka/s1_t3", "cka/s2_t3"}
+    # Same value on every rank: sync_dist=True is a no-op mean, and it keeps Lightning from
+    # warning "use sync_dist=True when logging on epoch level in distributed setting".
+    assert all(kw.get("sync_dist") is True for _, kw in log0.values())
+
+
+def test_float32_update_matches_float64_reference_on_wide_offset_features():
+    """Float32 Grams of batch-centred 4096-d ReLU features (large common offset) give the
+    float64 NumPy HSIC_1 CKA to within 1e-5."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 128, 32, generator=g, dtype=torch.float64)
+
+    def layer(scale):
+        w = torch.randn(32, 4096, generator=g, dtype=torch.float64) * scale
+        noise = torch.randn(2, 128, 4096, generator=g, dtype=torch.float64)
+        return torch.relu(base @ w + noise) + 3.0  # (batches, m, d)
+
+    feats_a, feats_b = [layer(0.2), layer(1.0)], [layer(0.5), layer(2.0), layer(0.1)]
+    acc = MinibatchCKA(2, 3)
+    for i in range(2):
+        acc.update([f[i].float() for f in feats_a], [f[i].float() for f in feats_b])
+    s_ab, s_aa, s_bb = np.zeros((2, 3)), np.zeros(2), np.zeros(3)
+    for i in range(2):
+        ka = [(f[i] @ f[i].T).numpy() for f in feats_a]
+        kb = [(f[i] @ f[i].T).numpy() for f in feats_b]
+        for p, k in enumerate(ka):
+            s_aa[p] += np_hsic1(k, k)
+            for q, m in enumerate(kb):
+                s_ab[p, q] += np_hsic1(k, m)
+        for q, m in enumerate(kb):
+            s_bb[q] += np_hsic1(m, m)
+    expected = s_ab / np.sqrt(s_aa[:, None] * s_bb[None, :])
+    np.testing.assert_allclose(acc.compute().numpy(), expected, rtol=0, atol=1e-7)

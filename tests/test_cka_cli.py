@@ -192,3 +192,76 @@ def test_command_reads_num_classes_from_the_exported_config(tmp_path):
           "--batch-size", "32", "--layers-a", "4", "--layers-b", "3",
           "--out", str(tmp_path / "x.png"), "--matrix", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["rows"] == ["4:layer4"]
+
+
+def _export_dir(tmp_path, checkpoint, **config):
+    """A folder like `visdistill export` writes: model.safetensors + a timm config.json."""
+    import shutil
+
+    out = tmp_path / "export"
+    out.mkdir()
+    shutil.copy(checkpoint, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    return out / "model.safetensors"
+
+
+def test_command_takes_architecture_and_num_classes_from_the_exported_config(
+    tmp_path, tiny_checkpoint
+):
+    """No --model-a and no --num-classes: both come from the config.json beside the weights.
+    An explicit --num-classes still wins over it."""
+    weights = _export_dir(
+        tmp_path,
+        tiny_checkpoint,
+        architecture="resnet10t",
+        num_classes=10,
+        model_args={},
+        pretrained_cfg={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    )
+    out = tmp_path / "m.json"
+    base = ["cka", "--checkpoint-a", str(weights), "--model-b", "resnet10t", "--data", "digits",
+            "--num-samples", "32", "--batch-size", "32", "--layers-a", "4", "--layers-b", "4",
+            "--out", str(tmp_path / "x.png"), "--matrix", str(out)]  # fmt: skip
+    main(base)
+    assert json.loads(out.read_text())["rows"] == ["4:layer4"]
+    # A config that disagrees with the weights' head: the explicit flag wins.
+    (weights.parent / "config.json").write_text(
+        json.dumps({"architecture": "resnet10t", "num_classes": 7})
+    )
+    with pytest.raises(SystemExit):
+        main(base)
+    main([*base, "--num-classes", "10"])
+    assert json.loads(out.read_text())["cols"] == ["4:layer4"]
+
+
+def test_command_without_model_or_config_is_explained(tmp_path, tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--checkpoint-a", str(tiny_checkpoint), "--model-b", "resnet10t",
+              "--data", "digits", "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "--model-a is required" in err and "config.json" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_matrix_suffix_is_case_insensitive_and_the_error_names_the_suffix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--model-a", "resnet10t", "--model-b", "resnet10t", "--data", "digits",
+              "--matrix", str(tmp_path / "m.TXT"), "--out", str(tmp_path / "x.png")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "'.TXT'" in err and ".csv or .json" in err
+    from visdistill.diagnostics import save_cka
+    from visdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'.npy'.*use one of .csv, .json"):
+        save_cka(torch.eye(1), ["a"], ["b"], tmp_path / "m.npy")
+    save_cka(torch.eye(1, dtype=torch.float64), ["a"], ["b"], tmp_path / "M.CSV")
+    assert (tmp_path / "M.CSV").read_text().splitlines() == [",b", "a,1.000000"]
+
+
+def test_command_rejects_num_samples_below_one_batch_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--model-a", "no_such_model_xyz", "--model-b", "resnet10t",
+              "--num-samples", "16", "--batch-size", "32", "--out", str(tmp_path / "x.png")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--num-samples 16" in err  # not the unknown model: no work done

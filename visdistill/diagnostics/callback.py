@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import ConfigError
+from .accumulator import NoCKABatchesError
 from .heatmap import cka_matrix, plot_cka
 
 
@@ -56,15 +57,24 @@ class CKACallback(L.Callback):
         self._warned = False
 
     def subset_loader(self, trainer: L.Trainer) -> DataLoader:
-        """The fixed validation subset this callback measures on (this rank's share)."""
+        """The fixed validation subset this callback measures on (this rank's share).
+
+        ``num_samples`` indices drawn with ``seed`` from the validation set, kept in their
+        random order, so every batch mixes classes (sorted indices would give class-sorted
+        batches on image folders, and per-batch HSIC_1 would then measure within-class
+        similarity). Under DDP rank ``r`` of ``w`` takes every ``w``-th index. A short tail
+        of 1-3 examples is dropped: HSIC_1 needs 4 per batch.
+        """
         dm = getattr(trainer, "datamodule", None)
         source = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
         if isinstance(source, (list, tuple)):
             source = source[0]
         dataset = source.dataset
         g = torch.Generator().manual_seed(self.seed)
-        picked = torch.randperm(len(dataset), generator=g)[: self.num_samples].sort().values
+        picked = torch.randperm(len(dataset), generator=g)[: self.num_samples]
         picked = picked[trainer.global_rank :: trainer.world_size].tolist()
+        if len(picked) % self.batch_size < 4:
+            picked = picked[: len(picked) - len(picked) % self.batch_size]
         return DataLoader(
             Subset(dataset, picked),
             batch_size=self.batch_size,
@@ -72,25 +82,42 @@ class CKACallback(L.Callback):
             num_workers=source.num_workers,
         )
 
+    def _has_teacher(self, pl_module: L.LightningModule) -> bool:
+        if getattr(pl_module, "teachers", None):
+            return True
+        if not self._warned:
+            rank_zero_warn(
+                "CKACallback needs a teacher to compare the student with, but the module has "
+                "none; the callback is disabled"
+            )
+            self._warned = True
+        return False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._has_teacher(pl_module)  # warn at the start, not after the first epoch
+
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if pl_module.teachers is None:
-            if not self._warned:
-                rank_zero_warn("CKACallback needs a teacher to compare with; it is disabled")
-                self._warned = True
+        if not self._has_teacher(pl_module):
             return
         student, teacher = pl_module.student, pl_module.teachers[self.teacher_index]
         s_stages = list(self.student_stages or range(len(student.feature_info)))
         t_stages = list(self.teacher_stages or range(len(teacher.feature_info)))
-        matrix, rows, cols = cka_matrix(
-            student, teacher, self.subset_loader(trainer), s_stages, t_stages, progress=False
-        )
+        try:
+            matrix, rows, cols = cka_matrix(
+                student, teacher, self.subset_loader(trainer), s_stages, t_stages, progress=False
+            )
+        except NoCKABatchesError as e:  # no usable batch on any rank: raised on every rank
+            rank_zero_warn(f"CKACallback skipped epoch {trainer.current_epoch}: {e}")
+            return
         self.last_matrix = matrix
         for i, s in enumerate(s_stages):
             for j, t in enumerate(t_stages):
-                # Identical on every rank (the sums were all-reduced): syncing is a no-op mean.
+                # Identical on every rank (the sums were all-reduced), so the mean that
+                # sync_dist takes changes nothing; it keeps callback_metrics the same on
+                # every rank and silences Lightning's epoch-level "use sync_dist" warning.
                 pl_module.log(f"cka/s{s}_t{t}", float(matrix[i, j]), sync_dist=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):

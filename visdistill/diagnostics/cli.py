@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -44,16 +45,70 @@ def _dataset(data: str, num_samples: int | None, image_size: int, seed: int):
     return dm.test_set
 
 
-def _num_classes_beside(checkpoint: str) -> int | None:
-    """``num_classes`` from the timm ``config.json`` next to a weights file (what
-    ``visdistill export`` writes), or ``None``."""
-    config = Path(checkpoint).parent / "config.json"
-    if not config.is_file():
+def _exported_config(checkpoint: str) -> dict[str, Any] | None:
+    """The timm ``config.json`` next to a weights file (what ``visdistill export`` writes),
+    or ``None`` when there is none."""
+    path = Path(checkpoint).parent / "config.json"
+    if not path.is_file():
         return None
     try:
-        return int(json.loads(config.read_text())["num_classes"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{config} has no usable num_classes ({e}); pass --num-classes") from e
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+        if "num_classes" in config:
+            config["num_classes"] = int(config["num_classes"])
+        if not isinstance(config.get("architecture", ""), str):
+            raise TypeError("architecture is not a string")
+        if not isinstance(config.get("model_args", {}), dict):
+            raise TypeError("model_args is not an object")
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{path} (beside the checkpoint) is not a usable timm config ({e}); fix or remove "
+            "it, or pass --model-* and --num-classes"
+        ) from e
+    return config
+
+
+def _backbone_kwargs(
+    side: str, model: str | None, checkpoint: str | None, model_kwargs: str, num_classes: int | None
+) -> dict[str, Any]:
+    """``Backbone`` arguments for one side: explicit flags win; the exported ``config.json``
+    beside the checkpoint fills in the architecture, ``num_classes``, timm kwargs and input
+    normalisation."""
+    try:
+        explicit_kwargs = json.loads(model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs-{side} is not valid JSON: {e}") from e
+    config = _exported_config(checkpoint) if checkpoint else None
+    if model is None:
+        model = (config or {}).get("architecture")
+        if not model:
+            where = (
+                f"{Path(checkpoint).parent / 'config.json'} has no architecture"
+                if config is not None
+                else f"no config.json beside --checkpoint-{side}"
+                if checkpoint
+                else f"no --checkpoint-{side} with an exported config.json"
+            )
+            raise ConfigError(f"--model-{side} is required ({where}); give a timm model name")
+    kwargs: dict[str, Any] = {"name": model, "checkpoint": checkpoint}
+    if num_classes is None and config is not None:
+        num_classes = config.get("num_classes")
+    kwargs["num_classes"] = num_classes
+    if config is not None and model == config.get("architecture"):
+        # The exported model itself: rebuild it as export described it.
+        model_args = dict(config.get("model_args", {}))
+        if "in_chans" in model_args:
+            kwargs["in_chans"] = int(model_args.pop("in_chans"))
+        explicit_kwargs = {**model_args, **explicit_kwargs}
+        pretrained_cfg = config.get("pretrained_cfg") or {}
+        for key in ("mean", "std", "interpolation"):
+            if pretrained_cfg.get(key) is not None:
+                kwargs[key] = pretrained_cfg[key]
+        if pretrained_cfg.get("fixed_input_size") and pretrained_cfg.get("input_size"):
+            kwargs["input_size"] = tuple(pretrained_cfg["input_size"][-2:])
+    kwargs["model_kwargs"] = explicit_kwargs
+    return kwargs
 
 
 def cka_main(args: list[str]) -> None:
@@ -63,7 +118,12 @@ def cka_main(args: list[str]) -> None:
         "writes a PNG heat map and optionally the matrix.",
     )
     for side in ("a", "b"):
-        parser.add_argument(f"--model-{side}", required=True, help="timm model name or zoo:<name>")
+        parser.add_argument(
+            f"--model-{side}",
+            default=None,
+            help="timm model name or zoo:<name>; default: the architecture in the config.json "
+            f"beside --checkpoint-{side} (what `visdistill export` writes)",
+        )
         parser.add_argument(f"--checkpoint-{side}", default=None, help="weights file")
         parser.add_argument(f"--model-kwargs-{side}", default="{}", help="JSON timm kwargs")
         parser.add_argument(f"--layers-{side}", default=None, help="stage indices, e.g. 0,2,4")
@@ -71,7 +131,7 @@ def cka_main(args: list[str]) -> None:
         "--num-classes",
         type=int,
         default=None,
-        help="classifier width; default: the config.json beside the checkpoint, or the model's",
+        help="classifier width; default: the config.json beside each checkpoint, else the model's",
     )
     parser.add_argument("--data", default="fashion-mnist", help="digits | fashion-mnist | folder")
     parser.add_argument("--image-size", type=int, default=32)
@@ -88,30 +148,31 @@ def cka_main(args: list[str]) -> None:
             f"--batch-size {ns.batch_size} is too small: the unbiased HSIC_1 estimator needs "
             "at least 4 examples per batch; use --batch-size 4 or more (256 is a good default)"
         )
-    if ns.matrix and Path(ns.matrix).suffix not in MATRIX_SUFFIXES:
+    if ns.matrix and Path(ns.matrix).suffix.lower() not in MATRIX_SUFFIXES:
+        suffix = Path(ns.matrix).suffix
         raise ConfigError(
-            f"--matrix {ns.matrix}: the file name must end in {' or '.join(MATRIX_SUFFIXES)} "
+            f"--matrix {ns.matrix}: {f'suffix {suffix!r}' if suffix else 'no suffix'} is not a "
+            f"matrix format; the file name must end in {' or '.join(MATRIX_SUFFIXES)} "
             "(the format follows the suffix)"
         )
-
-    models = []
-    for side in ("a", "b"):
-        try:
-            kwargs = json.loads(getattr(ns, f"model_kwargs_{side}"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model-kwargs-{side} is not valid JSON: {e}") from e
-        checkpoint = getattr(ns, f"checkpoint_{side}")
-        num_classes = ns.num_classes
-        if num_classes is None and checkpoint:
-            num_classes = _num_classes_beside(checkpoint)
-        models.append(
-            Backbone(
-                getattr(ns, f"model_{side}"),
-                num_classes=num_classes,
-                checkpoint=checkpoint,
-                model_kwargs=kwargs,
-            )
+    if ns.num_samples < ns.batch_size:
+        raise ConfigError(
+            f"--num-samples {ns.num_samples} is fewer than one batch of --batch-size "
+            f"{ns.batch_size}; lower --batch-size or raise --num-samples"
         )
+    if ns.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {ns.epochs}")
+    specs = [
+        _backbone_kwargs(
+            side,
+            getattr(ns, f"model_{side}"),
+            getattr(ns, f"checkpoint_{side}"),
+            getattr(ns, f"model_kwargs_{side}"),
+            ns.num_classes,
+        )
+        for side in ("a", "b")
+    ]
+    models = [Backbone(**spec) for spec in specs]
     dataset = _dataset(ns.data, ns.num_samples, ns.image_size, ns.seed)
     if len(dataset) < max(ns.batch_size, 4):
         raise ConfigError(
@@ -128,7 +189,9 @@ def cka_main(args: list[str]) -> None:
     matrix, rows, cols = cka_matrix(
         models[0], models[1], loader, _stages(ns.layers_a), _stages(ns.layers_b), ns.epochs
     )
-    plot_cka(matrix, rows, cols, ns.out, title=f"{ns.model_a} vs {ns.model_b} ({ns.data})")
+    plot_cka(
+        matrix, rows, cols, ns.out, title=f"{specs[0]['name']} vs {specs[1]['name']} ({ns.data})"
+    )
     print(f"wrote {ns.out}")
     if ns.matrix:
         save_cka(matrix, rows, cols, ns.matrix)

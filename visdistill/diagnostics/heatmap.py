@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from ..checkpoints import atomic_write
 from ..errors import ConfigError
 from ..models import Backbone
-from .accumulator import MinibatchCKA
+from .accumulator import MinibatchCKA, NoCKABatchesError
 
 MATRIX_SUFFIXES = (".csv", ".json")
 
@@ -41,7 +42,8 @@ def cka_matrix(
     Stage maps ``(B, C, h, w)`` (ViT tokens as their grid) are flattened to ``(B, C*h*w)``:
     flattened, not pooled, CKA. Both models see the same canonical batch and
     preprocess it themselves. Batches of 3 or fewer examples (a short last batch) are
-    skipped: HSIC_1 is undefined for them. ``max_batches`` caps the batches per epoch.
+    skipped with a warning: HSIC_1 is undefined for them. ``max_batches`` caps the batches
+    per epoch.
     """
     stages_a = list(range(len(model_a.feature_info))) if stages_a is None else list(stages_a)
     stages_b = list(range(len(model_b.feature_info))) if stages_b is None else list(stages_b)
@@ -53,6 +55,7 @@ def cka_matrix(
     device = next(model_a.parameters()).device
     acc = MinibatchCKA(len(stages_a), len(stages_b)).to(device)
     per_epoch = len(loader) if max_batches is None else min(max_batches, len(loader))
+    skipped: list[int] = []
     try:
         batches = (b for _ in range(epochs) for b in itertools.islice(loader, per_epoch))
         if progress:
@@ -60,6 +63,7 @@ def cka_matrix(
         for batch in batches:
             images = (batch["image"] if isinstance(batch, dict) else batch[0]).to(device)
             if len(images) <= 3:
+                skipped.append(len(images))
                 continue
             out_a = model_a(images, stages=stages_a)
             out_b = model_b(images, stages=stages_b)
@@ -67,12 +71,19 @@ def cka_matrix(
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
+    if skipped:
+        warnings.warn(
+            f"CKA skipped {len(skipped)} batch(es) of fewer than 4 examples (sizes "
+            f"{sorted(set(skipped))}): the unbiased HSIC_1 needs 4 per batch. "
+            "Use drop_last=True or a sample count that is a multiple of the batch size.",
+            stacklevel=2,
+        )
     # compute() all-reduces before it checks for "no batches", so under DDP a rank that got
     # no batch cannot leave the others waiting.
     try:
         matrix = acc.compute().cpu()
-    except ValueError as e:
-        raise ValueError(f"{e} (the loader yielded no usable batch)") from None
+    except NoCKABatchesError as e:
+        raise NoCKABatchesError(f"{e} (the loader yielded no usable batch)") from None
     return matrix, stage_names(model_a, stages_a), stage_names(model_b, stages_b)
 
 
@@ -121,14 +132,16 @@ def plot_cka(
 def save_cka(
     matrix: Tensor, names_a: Sequence[str], names_b: Sequence[str], path: str | Path
 ) -> None:
-    """The matrix as JSON (``{"rows", "cols", "cka"}``) or CSV, chosen by the extension."""
+    """The matrix as JSON (``{"rows", "cols", "cka"}``) or CSV, chosen by the extension
+    (``.json`` / ``.csv``, any case); any other extension is a :class:`ConfigError`."""
     path = Path(path)
-    if path.suffix not in MATRIX_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in MATRIX_SUFFIXES:
         raise ConfigError(
             f"cannot write a CKA matrix as {path.suffix or 'a file without suffix'!r} ({path}); "
             f"use one of {', '.join(MATRIX_SUFFIXES)}"
         )
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         lines = [",".join(["", *names_b])]
         lines += [
             ",".join([a, *(f"{v:.6f}" for v in row)])

@@ -4,7 +4,7 @@ from .base import DistillTerm
 from .dkd import DKD
 from .kd import KD
 from .meal_v2 import MEALV2, OutputDiscriminator
-from .mst import MSTRouting
+from .mst import FeatureGate, MSTRouting
 from .nd import ND, EmbeddingProjector
 from .ofa import OFA, CNNExit, TokenExit
 from .trg import TRG
@@ -25,4 +25,5 @@ __all__ = [
     "TRG",
     "TokenExit",
     "UNIC",
+    "FeatureGate",
 ]

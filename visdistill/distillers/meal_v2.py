@@ -14,7 +14,7 @@ from ..losses.kd import soft_cross_entropy
 from ..losses.multi_teacher import discriminator_loss
 from ..models import Backbone, ModelOutput
 from ..teachers import ensemble_probs
-from .base import DistillTerm
+from .base import DistillTerm, uniform_or
 
 MODES = ("joint", "grl", "none")
 DISC_INPUTS = ("logit_mean", "prob")
@@ -82,6 +82,8 @@ class MEALV2(DistillTerm):
             ``"prob"`` (the FKD variant: softmax vs the soft target).
         final_relu: ReLU after the discriminator's last layer (official).
         disc_weight: weight of the discriminator loss relative to the soft CE (official 1).
+        disc_min_hidden: smallest hidden width of the discriminator (our guard for small
+            ``C``; the official rule gives 0 below 64 classes).
         weight: multiplier of the whole term.
     """
 
@@ -93,6 +95,7 @@ class MEALV2(DistillTerm):
         disc_input: str = "logit_mean",
         final_relu: bool = True,
         disc_weight: float = 1.0,
+        disc_min_hidden: int = 4,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
@@ -101,12 +104,16 @@ class MEALV2(DistillTerm):
         if disc_input not in DISC_INPUTS:
             raise ConfigError(f"MEALV2 disc_input must be one of {DISC_INPUTS}, got {disc_input!r}")
         self.mode, self.disc_input, self.final_relu = mode, disc_input, final_relu
-        self.disc_weight = float(disc_weight)
+        if disc_min_hidden < 1:
+            raise ConfigError(f"MEALV2 disc_min_hidden must be >= 1, got {disc_min_hidden}")
+        self.disc_weight, self.disc_min_hidden = float(disc_weight), int(disc_min_hidden)
         self.discriminator: OutputDiscriminator | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         if self.mode != "none":
-            self.discriminator = OutputDiscriminator(student.num_classes, self.final_relu)
+            self.discriminator = OutputDiscriminator(
+                student.num_classes, self.final_relu, self.disc_min_hidden
+            )
 
     def forward(
         self,
@@ -122,8 +129,10 @@ class MEALV2(DistillTerm):
         s = student.logits.float()
         if self.disc_input == "prob":
             s, t = s.softmax(-1), probs
-        else:
-            t = torch.stack([o.logits.float() for o in teachers]).mean(0)
+        else:  # the (per-sample weighted) mean of the teachers' logits
+            logits = torch.stack([o.logits.float() for o in teachers], 1)  # (B, M, K)
+            w = uniform_or(teacher_weights, len(s), len(teachers), s)
+            t = (w.unsqueeze(-1) * logits).sum(1)
         if self.mode == "grl":
             s = gradient_reversal(s)
         scores = self.discriminator(torch.cat([s, t.detach()]))

@@ -13,12 +13,13 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..losses.kd import kd_loss
-from ..losses.multi_teacher import load_balancing_loss, topk_weights
+from ..losses.multi_teacher import fold_expert_weights, load_balancing_loss, topk_weights
 from ..models import Backbone, ModelOutput
 from .base import DistillTerm
 
 ROUTER_INPUTS = ("student_logits", "student_embedding", "teacher_stats")
 ROUTER_MODES = ("mst", "soft_mixture", "utility")
+BALANCE_MODES = ("kl", "cv")
 
 
 def mst_loss_weights(epoch: int) -> tuple[float, float]:
@@ -29,10 +30,15 @@ def mst_loss_weights(epoch: int) -> tuple[float, float]:
     return 0.5 ** ((epoch - 1) // 30 + 1), 0.9 ** ((epoch - 1) // 10 + 1)
 
 
-def teacher_descriptors(teachers: Sequence[ModelOutput], student_logits: Tensor) -> Tensor:
-    """Per teacher ``[max p, entropy, margin, KL(p || mean p), KL(p || p_s)]``, flattened to
-    ``(B, 5 M)``: label-free cues for the router (§3.8 option 3)."""
-    probs = torch.stack([o.logits.float().softmax(-1) for o in teachers], 1)  # (B, M, K)
+def expert_descriptors(expert_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Per expert ``[max p, entropy, margin, KL(p || mean p), KL(p || p_s)]``, flattened to
+    ``(B, 5 E)``: label-free cues for the router (§3.8 option 3).
+
+    Args:
+        expert_logits: ``(B, E, K)``; read without gradient.
+        student_logits: ``(B, K)``; read without gradient.
+    """
+    probs = expert_logits.detach().float().softmax(-1)  # (B, E, K)
     log_p = probs.clamp_min(1e-12).log()
     mean = probs.mean(1, keepdim=True)
     log_s = F.log_softmax(student_logits.detach().float(), -1).unsqueeze(1)
@@ -47,29 +53,64 @@ def teacher_descriptors(teachers: Sequence[ModelOutput], student_logits: Tensor)
     return torch.stack(feats, -1).flatten(1)
 
 
+class FeatureGate(nn.Module):
+    """SE-style channel gate ``D -> max(D // r, 4) -> D``, ReLU, sigmoid (Hu et al.,
+    "Squeeze-and-Excitation Networks", 2018): the cheap vision form of MST's MaskNet
+    (§3.8; about ``2 D^2 / r`` parameters instead of MaskNet's ``~D^3 / f``).
+
+    ``forward(f)`` maps ``(B, D)`` features to a mask in ``(0, 1)^{B x D}``. The last
+    layer starts with zero weights and bias ``init_bias`` (3: mask 0.95 for every input),
+    so a gated teacher starts as (almost) the original one.
+    """
+
+    def __init__(self, dim: int, reduction: int = 4, init_bias: float = 3.0) -> None:
+        super().__init__()
+        hidden = max(dim // reduction, 4)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, init_bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(features))))
+
+
 class MSTRouting(DistillTerm):
     """Per-sample routing over the teachers, trained alongside the student.
 
-    The router (MST's GateNet: ``Linear(d, 2K) -> Linear(2K, M)``, softmax) reads the
-    student's logits (MST), its pooled embedding, or label-free teacher descriptors plus
-    the student's logits, and outputs gate probabilities ``g`` ``(B, M)``. Modes:
+    The router (MST's GateNet: ``Linear(d, 2K) -> Linear(2K, E)``, softmax) reads the
+    student's logits (MST), its pooled embedding, or label-free expert descriptors plus
+    the student's logits, and outputs gate probabilities ``g`` ``(B, E)`` over the experts.
+    Modes:
 
-    - ``"mst"`` (faithful): the student distils from its top-``k`` teachers, unweighted
+    - ``"mst"`` (faithful): the student distils from its top-``k`` experts, unweighted
       (``T^2 KL`` at ``temperature``, averaged over the k); the router learns only from
-      the load-balancing loss, which also reaches the student through its logits.
+      the load-balancing loss, which also reaches the student through its logits unless
+      ``detach_router_input``.
     - ``"soft_mixture"``: target ``sum_e g_e softmax(z_e / T)``; the router learns from the
-      KD loss too (it tends to pick the teacher nearest the student; keep the balancing).
-    - ``"utility"`` (our recommendation): the router is supervised by which teachers are
+      KD loss too (it tends to pick the expert nearest the student; keep the balancing).
+    - ``"utility"`` (our recommendation): the router is supervised by which experts are
       right and confident on each sample, ``softmax_e(-CE(z_e, y) / utility_temperature)``,
-      using labels on the teacher side only; the student distils from the router's top-k.
+      using labels on the teacher side only (never as router input); the student distils
+      from the router's top-k.
+
+    Experts are the teachers (``E = M``). With ``feature_gates`` each teacher also gets a
+    "specialised" variant (``E = 2 M``): an SE-style :class:`FeatureGate` on its pre-logit
+    features, re-classified by the teacher's own frozen classifier. The gates train with
+    the student (one optimizer) on ``T^2 KL(softmax(z_s / T)^sg || softmax(z_gated / T))``,
+    which pulls the gated teacher toward the student (MST's student-friendly teachers),
+    plus ``gate_ce_weight`` times the gated teacher's CE on the labels, so a gate cannot
+    wreck its teacher (our safeguard; MST has none). The student reads gated logits
+    without gradient.
 
     The term provides per-sample teacher weights (top-k one-hot / k, or ``g`` for
-    ``soft_mixture``), so other terms in the config follow the routing. Loss weights follow
-    MST's schedule (:func:`mst_loss_weights`) unless ``schedule=False``. The masked
-    "specialised teacher" experts of MST are not implemented: experts are the teachers.
+    ``soft_mixture``; a gated expert's weight counts for its teacher), so other terms in
+    the config follow the routing. Loss weights follow MST's per-epoch schedule
+    (:func:`mst_loss_weights`) unless ``schedule=False``. After each step
+    ``last_metrics`` holds detached diagnostics (per-expert routing frequency, router
+    entropy) for logging.
 
     Args:
-        top_k: experts per sample (MST: 1).
+        top_k: experts per sample (MST: 1); at most the number of experts.
         mode: ``"mst"``, ``"soft_mixture"`` or ``"utility"``.
         router_input: ``"student_logits"``, ``"student_embedding"`` or ``"teacher_stats"``.
         balance: ``"kl"`` (MST default) or ``"cv"`` load balancing.
@@ -77,6 +118,9 @@ class MSTRouting(DistillTerm):
         utility_temperature: softness of the utility target.
         detach_router_input: stop router gradients from reaching the student.
         schedule: apply MST's per-epoch loss-weight schedule.
+        feature_gates: add one gated ("specialised") expert per teacher.
+        gate_reduction: the gates' bottleneck ratio ``r``.
+        gate_ce_weight: weight of the gated teacher's label CE in the gate loss.
         weight: multiplier of the term.
     """
 
@@ -93,6 +137,9 @@ class MSTRouting(DistillTerm):
         utility_temperature: float = 1.0,
         detach_router_input: bool = False,
         schedule: bool = True,
+        feature_gates: bool = False,
+        gate_reduction: int = 4,
+        gate_ce_weight: float = 1.0,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
@@ -102,8 +149,17 @@ class MSTRouting(DistillTerm):
             raise ConfigError(
                 f"MSTRouting router_input must be one of {ROUTER_INPUTS}, got {router_input!r}"
             )
-        if balance not in ("kl", "cv"):
-            raise ConfigError(f"MSTRouting balance must be 'kl' or 'cv', got {balance!r}")
+        if balance not in BALANCE_MODES:
+            raise ConfigError(f"MSTRouting balance must be one of {BALANCE_MODES}, got {balance!r}")
+        if top_k < 1:
+            raise ConfigError(f"MSTRouting top_k must be at least 1, got {top_k}")
+        if temperature <= 0 or utility_temperature <= 0:
+            raise ConfigError(
+                f"MSTRouting temperatures must be > 0, got temperature={temperature}, "
+                f"utility_temperature={utility_temperature}"
+            )
+        if gate_reduction < 1:
+            raise ConfigError(f"MSTRouting gate_reduction must be >= 1, got {gate_reduction}")
         self.top_k, self.mode, self.router_input, self.balance = (
             int(top_k),
             mode,
@@ -112,39 +168,89 @@ class MSTRouting(DistillTerm):
         )
         self.temperature, self.utility_temperature = float(temperature), float(utility_temperature)
         self.detach_router_input, self.schedule = detach_router_input, schedule
-        self.needs_pooled = router_input == "student_embedding"
-        self._gates: Tensor | None = None
+        self.feature_gates, self.gate_reduction = feature_gates, int(gate_reduction)
+        self.gate_ce_weight = float(gate_ce_weight)
+        # Gates read the teachers' pooled features; the embedding router the student's.
+        self.needs_pooled = router_input == "student_embedding" or feature_gates
+        self.n_teachers = self.n_experts = 0
+        self.last_metrics: dict[str, Tensor] = {}
+        self._pending: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         m, k = len(teachers), student.num_classes
-        if not 1 <= self.top_k <= m:
-            raise ConfigError(
-                f"MSTRouting top_k={self.top_k} must be between 1 and the {m} teachers"
+        self.n_teachers, self.n_experts = m, m * (2 if self.feature_gates else 1)
+        if self.top_k > self.n_experts:
+            what = (
+                f"{self.n_experts} experts ({m} teachers and their gated variants)"
+                if self.feature_gates
+                else f"{m} teachers"
             )
+            raise ConfigError(f"MSTRouting top_k={self.top_k} must be between 1 and the {what}")
+        e = self.n_experts
         d = {"student_logits": k, "student_embedding": student.num_features}.get(
-            self.router_input, k + 5 * m
+            self.router_input, k + 5 * e
         )
-        self.router = nn.Sequential(nn.Linear(d, 2 * k), nn.Linear(2 * k, m))
+        self.router = nn.Sequential(nn.Linear(d, 2 * k), nn.Linear(2 * k, e))
+        if self.feature_gates:
+            heads = []
+            for t in teachers:
+                head = t.model.get_classifier()
+                if not isinstance(head, nn.Linear) or head.in_features != t.num_features:
+                    raise ConfigError(
+                        f"MSTRouting feature_gates re-classify a teacher's pooled features with "
+                        f"its classifier, but {t.name}'s classifier is {type(head).__name__}, "
+                        f"not one Linear on its {t.num_features} pooled features; set "
+                        "feature_gates: false"
+                    )
+                heads.append(head)
+            self.gate_nets = nn.ModuleList(
+                FeatureGate(t.num_features, self.gate_reduction) for t in teachers
+            )
+            # A plain list: the teachers own these frozen classifiers (not our parameters,
+            # not in our state dict); they move devices with the teachers.
+            self._heads = heads
 
-    def gates(self, student: ModelOutput, teachers: Sequence[ModelOutput]) -> Tensor:
-        """Router probabilities ``(B, M)``."""
+    def experts(self, teachers: Sequence[ModelOutput]) -> tuple[Tensor, Tensor | None]:
+        """Expert logits ``(B, E, K)`` without gradient, and the gated experts' logits
+        ``(B, M, K)`` with gradient into the gates (``None`` without ``feature_gates``)."""
+        base = torch.stack([o.logits.float() for o in teachers], 1)
+        if not self.feature_gates:
+            return base, None
+        gated = []
+        for out, gate, head in zip(teachers, self.gate_nets, self._heads, strict=True):
+            if out.pooled is None:
+                raise ConfigError("MSTRouting feature_gates need the teachers' pooled features")
+            f = out.pooled.float()
+            gated.append(F.linear(gate(f) * f, head.weight.float(), head.bias.float()))
+        gated_logits = torch.stack(gated, 1)
+        return torch.cat([base, gated_logits.detach()], 1), gated_logits
+
+    def gates(self, student: ModelOutput, expert_logits: Tensor) -> Tensor:
+        """Router probabilities ``(B, E)``."""
         if self.router_input == "student_embedding":
             x = student.pooled
         elif self.router_input == "teacher_stats":
-            x = torch.cat([student.logits, teacher_descriptors(teachers, student.logits)], -1)
+            x = torch.cat([student.logits, expert_descriptors(expert_logits, student.logits)], -1)
         else:
             x = student.logits
         x = x.detach() if self.detach_router_input else x
         return self.router(x.float()).softmax(-1)
 
+    def _route(self, student: ModelOutput, teachers: Sequence[ModelOutput]):
+        # The module calls teacher_weights() then forward() on the same outputs: compute once.
+        if self._pending is not None and self._pending[0] is student.logits:
+            return self._pending[1:]
+        experts, gated = self.experts(teachers)
+        g = self.gates(student, experts)
+        self._pending = (student.logits, g, experts, gated)
+        return g, experts, gated
+
     def teacher_weights(
         self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
     ) -> Tensor:
-        g = self.gates(student, teachers)
-        self._gates = g
-        if self.mode == "soft_mixture":
-            return g.detach()
-        return topk_weights(g.detach(), self.top_k)
+        g, _, _ = self._route(student, teachers)
+        w = g.detach() if self.mode == "soft_mixture" else topk_weights(g.detach(), self.top_k)
+        return fold_expert_weights(w, self.n_teachers) if self.feature_gates else w
 
     def forward(
         self,
@@ -153,28 +259,41 @@ class MSTRouting(DistillTerm):
         target: Tensor,
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        g = self._gates if self._gates is not None else self.gates(student, teachers)
-        self._gates = None
+        g, experts, gated = self._route(student, teachers)
+        self._pending = None
         w_kl, w_lb = mst_loss_weights(int(self.epoch)) if self.schedule else (1.0, 1.0)
         t = self.temperature
-        probs = torch.stack([(o.logits.float() / t).softmax(-1) for o in teachers], 1)
+        probs = (experts / t).softmax(-1)  # (B, E, K), no gradient
         if self.mode == "soft_mixture":
             kd = kd_loss(student.logits, (g.unsqueeze(-1) * probs).sum(1), t)
         else:
-            chosen = topk_weights(g.detach(), self.top_k)  # (B, M), 1/k on the chosen
-            per_teacher = torch.stack(
+            chosen = topk_weights(g.detach(), self.top_k)  # (B, E), 1/k on the chosen
+            per_expert = torch.stack(
                 [
                     kd_loss(student.logits, probs[:, e], t, reduction="none")
-                    for e in range(len(teachers))
+                    for e in range(experts.shape[1])
                 ],
                 1,
             )
-            kd = (chosen * per_teacher).sum(1).mean()
+            kd = (chosen * per_expert).sum(1).mean()
         out = {"kd": w_kl * kd, "balance": w_lb * load_balancing_loss(g, self.balance)}
         if self.mode == "utility":
-            ce = torch.stack(
-                [F.cross_entropy(o.logits.float(), target, reduction="none") for o in teachers], 1
-            )
+            ce = F.cross_entropy(
+                experts.flatten(0, 1), target.repeat_interleave(experts.shape[1]), reduction="none"
+            ).view(experts.shape[:2])
             utility = (-ce / self.utility_temperature).softmax(-1)
             out["utility"] = -(utility * g.clamp_min(1e-12).log()).sum(-1).mean()
+        if gated is not None:
+            m = gated.shape[1]
+            student_probs = (student.logits.detach().float() / t).softmax(-1)
+            # Student as the target: pull each gated teacher toward the student (MST stage 2).
+            pull = kd_loss(gated.flatten(0, 1), student_probs.repeat_interleave(m, 0), t)
+            anchor = F.cross_entropy(gated.flatten(0, 1), target.repeat_interleave(m))
+            out["gate"] = pull + self.gate_ce_weight * anchor
+        with torch.no_grad():
+            top1 = F.one_hot(g.argmax(-1), g.shape[-1]).float().mean(0)
+            entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()
+            self.last_metrics = {"router_entropy": entropy} | {
+                f"route_frac/expert{e}": top1[e] for e in range(g.shape[-1])
+            }
         return out

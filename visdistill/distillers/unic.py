@@ -114,7 +114,7 @@ class UNIC(DistillTerm):
         self.requested_stages = tuple(student_stages) if student_stages is not None else None
         self.drop_prob, self.normalize, self.hidden = float(drop_prob), normalize, hidden
         self.teacher_stages = (-1,)
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         n = len(student.feature_info)
@@ -164,7 +164,8 @@ class UNIC(DistillTerm):
     ) -> Tensor:
         losses = self.per_teacher_losses(student, teachers)
         coeff = teacher_drop_coefficients(losses, self.drop_prob, self.normalize)
-        self._pending = (losses, coeff)
+        # forward() reuses these for the same outputs (the module calls both per step).
+        self._pending = (student.logits, losses, coeff)
         keep = (coeff > 0).float()
         return keep / keep.sum(-1, keepdim=True)
 
@@ -175,9 +176,9 @@ class UNIC(DistillTerm):
         target: Tensor,
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        if self._pending is None:  # called on its own, not through the module
-            self.teacher_weights(student, teachers, target)
-        losses, coeff = self._pending
+        if self._pending is None or self._pending[0] is not student.logits:
+            self.teacher_weights(student, teachers, target)  # called on its own
+        _, losses, coeff = self._pending
         self._pending = None
         return {"unic": (coeff * losses).sum()}
 

@@ -5,6 +5,7 @@ from .kd import kd_loss, soft_cross_entropy
 from .multi_teacher import (
     discriminator_loss,
     feature_match_loss,
+    fold_expert_weights,
     load_balancing_loss,
     teacher_drop_coefficients,
     topk_weights,
@@ -35,4 +36,5 @@ __all__ = [
     "trg_contextual_loss",
     "trg_global_loss",
     "trg_local_loss",
+    "fold_expert_weights",
 ]

@@ -61,6 +61,15 @@ def topk_weights(gates: Tensor, k: int) -> Tensor:
     return torch.zeros_like(gates).scatter_(-1, idx, 1.0 / k)
 
 
+def fold_expert_weights(weights: Tensor, n_teachers: int) -> Tensor:
+    """Per-sample expert weights ``(B, E)`` -> teacher weights ``(B, M)``, where expert ``e``
+    is a variant of teacher ``e % M`` (MST's teacher x mask experts); rows keep their sum."""
+    b, e = weights.shape
+    if e % n_teachers:
+        raise ValueError(f"{e} experts are not a whole number of variants of {n_teachers} teachers")
+    return weights.reshape(b, e // n_teachers, n_teachers).sum(1)
+
+
 def load_balancing_loss(gates: Tensor, mode: str = "kl") -> Tensor:
     """MST's load-balancing loss on router probabilities ``(B, E)``; 0 at uniform use.
 
