@@ -33,6 +33,7 @@ commands:
   export     write a fit checkpoint's student as a plain timm model (safetensors + config.json)
   cka        CKA heat map between the stages of two models (PNG + JSON/CSV)
   zoo        list | show | download | verify | evaluate the model zoo (zoo:<name> models)
+  search     training-free student search (DisWOT): rank timm students for a teacher
 
 `visdistill <command> --help` for a command's options.
 """
@@ -187,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             from .zoo_cli import zoo_main
 
             zoo_main(rest)
+        elif command == "search":
+            from .search.cli import search_main
+
+            search_main(rest)
         else:
             print(f"visdistill: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
             raise SystemExit(2)
