@@ -1,6 +1,6 @@
 """visdistill: multi-teacher and cross-architecture knowledge distillation for timm models."""
 
-from . import zoo
+from . import search, zoo
 from .callbacks import PredictionWriter
 from .checkpoints import load_state_dict_file, load_weights_into
 from .data import (
@@ -11,7 +11,7 @@ from .data import (
     VisionDataModule,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
-from .distillers import DKD, KD, MEALV2, ND, OFA, TRG, UNIC, DistillTerm, MSTRouting
+from .distillers import DKD, KD, MEALV2, ND, OFA, TRG, UNIC, DistillTerm, DisWOT, MSTRouting
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -24,12 +24,14 @@ from .export import export_student
 from .losses import dkd_loss, kd_loss, nd_loss, ofa_loss, soft_cross_entropy
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput, create_backbone
 from .module import DistillationModule
+from .search import diswot_score
 from .teachers import Teacher, TeacherEnsemble, ensemble_probs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DKD",
+    "DisWOT",
     "KD",
     "MEALV2",
     "MSTRouting",
@@ -62,6 +64,7 @@ __all__ = [
     "cka_matrix",
     "create_backbone",
     "ensemble_probs",
+    "diswot_score",
     "export_student",
     "dkd_loss",
     "kd_loss",
@@ -72,5 +75,6 @@ __all__ = [
     "load_weights_into",
     "rbf_cka",
     "soft_cross_entropy",
+    "search",
     "zoo",
 ]

@@ -1,6 +1,7 @@
 """Distillation terms: ``nn.Module``s, one per method, each a :class:`DistillTerm`."""
 
 from .base import DistillTerm
+from .diswot import DisWOT
 from .dkd import DKD
 from .kd import KD
 from .meal_v2 import MEALV2, OutputDiscriminator
@@ -13,6 +14,7 @@ from .unic import UNIC, RunningStandardizer
 __all__ = [
     "CNNExit",
     "DKD",
+    "DisWOT",
     "DistillTerm",
     "EmbeddingProjector",
     "KD",

@@ -1,5 +1,11 @@
 """Pure loss functions: tensors in, tensor out, no parameters."""
 
+from .diswot import (
+    ickd_distance,
+    relation_similarity,
+    semantic_similarity,
+    similarity_preserving_distance,
+)
 from .dkd import dkd_loss
 from .kd import kd_loss, soft_cross_entropy
 from .multi_teacher import (
@@ -24,6 +30,10 @@ __all__ = [
     "cosine_temperature",
     "discriminator_loss",
     "dkd_loss",
+    "ickd_distance",
+    "relation_similarity",
+    "semantic_similarity",
+    "similarity_preserving_distance",
     "feature_match_loss",
     "feature_map_tokens",
     "kd_loss",
