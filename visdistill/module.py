@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from . import resume
 from .distillers.base import DistillTerm
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
@@ -359,6 +360,17 @@ class DistillationModule(L.LightningModule):
             self._cache = cache
         for term in self.terms:
             term.on_fit_start(self)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # RNG states (exact resume) in; rebuildable frozen teachers' weights out.
+        resume.on_save(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        resume.on_load(self, checkpoint, getattr(trainer, "ckpt_path", None))
+        if trainer is not None and trainer.state.fn == "fit":
+            resume.restore_rng(checkpoint)
 
     def _check_data_classes(self) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)

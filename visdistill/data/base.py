@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
-from .replay import EpochSampler, ReplayCropFlip
+from .replay import ReplayCropFlip, epoch_sampler
+from .resumable import ResumableDataLoader
 
 
 def split_indices(
@@ -133,10 +134,38 @@ class VisionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            generator=torch.Generator(),  # iter() leaves the global RNG alone (exact resume)
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._train_loader(epoch_keys=False)
+
+    def _train_loader(self, epoch_keys: bool) -> DataLoader:
+        """Shuffled by an :class:`EpochSampler` (sharded over DDP ranks, so the ranks' batches
+        of ``batch_size`` make up the single-process batch of ``world_size * batch_size``)
+        in a :class:`ResumableDataLoader` (exact mid-epoch resume). ``epoch_keys``: the
+        dataset takes ``(epoch, position)`` keys (replayable augmentation)."""
+        trainer = getattr(self, "trainer", None)
+        world, rank = 1, 0
+        if trainer is not None and getattr(
+            trainer._accelerator_connector, "use_distributed_sampler", True
+        ):
+            world, rank = trainer.world_size, trainer.global_rank
+        # torch.initial_seed() is the run's seed (seed_everything): shuffles differ per run,
+        # augmentation parameters do not.
+        sampler = epoch_sampler(
+            len(self.train_set), torch.initial_seed() % 2**31, world, rank, epoch_keys
+        )
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            # Loader-owned generator: iter() draws worker seeds from it, not from the global
+            # RNG, so the global stream (dropout, teacher dropping) depends only on steps.
+            generator=torch.Generator().manual_seed(torch.initial_seed() % 2**31),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -175,16 +204,7 @@ class ArrayDataModule(VisionDataModule):
         return ReplayCropFlip(self.image_size, self.image_size // 8, self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        # torch.initial_seed() is the run's seed (seed_everything): shuffles differ per run,
-        # augmentation parameters do not.
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=torch.initial_seed() % 2**31)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._train_loader(epoch_keys=True)
 
     def augmentation(self) -> dict | None:
         """Description of the train augmentation (``None`` when off), for cache manifests."""

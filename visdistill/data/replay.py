@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class ReplayCropFlip:
@@ -49,29 +49,80 @@ class EpochSampler(Sampler):
     """Yields ``(epoch, position)`` keys so the dataset knows which epoch's augmentation to
     apply, shuffled with a generator seeded by ``seed`` and the epoch.
 
-    Lightning calls :meth:`set_epoch` before every training epoch. Under DDP, Lightning wraps
-    this sampler in its distributed wrapper, which does not forward ``set_epoch``; the
-    sampler then counts its own epochs (one per iteration), which matches as long as the
-    run is not resumed mid-way under DDP.
+    Lightning calls :meth:`set_epoch` before every training epoch. Without it (a plain
+    loop, or a wrapper that does not forward it) the sampler counts its own epochs, one per
+    iteration.
+
+    With ``num_replicas > 1`` each rank takes every ``num_replicas``-th position of the
+    epoch's order, starting at ``rank`` (padded by repeating the first positions so every
+    rank gets the same count, as :class:`~torch.utils.data.DistributedSampler` does). The
+    ranks' ``t``-th batches of ``B`` together are then exactly the single-process ``t``-th
+    batch of ``num_replicas * B``. Build it with :func:`epoch_sampler` so Lightning does not
+    shard it a second time.
+
+    Args:
+        n: dataset size.
+        shuffle: a new seeded permutation per epoch (else ``0 .. n-1``).
+        seed: shuffle seed (the training run's seed).
+        num_replicas, rank: the process's share under DDP.
+        epoch_keys: yield ``(epoch, position)`` (replayable augmentation); ``False`` yields
+            plain positions, for datasets that take an ``int``.
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        epoch_keys: bool = True,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, int(seed), 0
+        self.num_replicas, self.rank, self.epoch_keys = int(num_replicas), int(rank), epoch_keys
         self._told, self._iterated = False, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._told = int(epoch), True
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self._iterated and not self._told:
-            self.epoch += 1
-        self._told, self._iterated = False, True
+    def order(self, epoch: int) -> list[int]:
+        """This rank's positions in ``epoch``."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + int(epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.num_replicas > 1 and order:
+            total = len(self) * self.num_replicas
+            order = (order * -(-total // len(order)))[:total][self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]] | Iterator[int]:
+        if self._iterated and not self._told:
+            self.epoch += 1
+        self._told, self._iterated = False, True
+        order = self.order(self.epoch)
+        if not self.epoch_keys:
+            return iter(order)
         return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.num_replicas)
+
+
+class _ShardedEpochSampler(EpochSampler, DistributedSampler):
+    """An :class:`EpochSampler` that shards itself; a ``DistributedSampler`` only so that
+    Lightning uses it as it is instead of wrapping it in its own distributed sampler
+    (``DistributedSampler.__init__`` is not called: every method comes from
+    :class:`EpochSampler`)."""
+
+
+def epoch_sampler(
+    n: int, seed: int, num_replicas: int = 1, rank: int = 0, epoch_keys: bool = True
+) -> EpochSampler:
+    """A shuffling :class:`EpochSampler`, sharded over ``num_replicas`` processes when
+    there are several."""
+    cls = _ShardedEpochSampler if num_replicas > 1 else EpochSampler
+    return cls(n, True, seed, num_replicas, rank, epoch_keys)

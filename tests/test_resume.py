@@ -1,0 +1,189 @@
+"""Kill and resume: a fit stopped mid-epoch and resumed from its checkpoint ends with the
+uninterrupted run's weights, bit for bit, including every term's state."""
+
+import contextlib
+import functools
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import save_file
+
+from visdistill import KD, ND, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill.data.replay import EpochSampler, epoch_sampler
+from visdistill.data.resumable import ResumableDataLoader
+from visdistill.distillers import MEALV2, UNIC, MSTRouting
+from visdistill.errors import CheckpointError
+from visdistill.models import Backbone
+from visdistill.teacher_cache import build_teacher_cache
+
+# timm's test models (0.3 M parameters): a CNN and a ViT at 32 px.
+CNN = dict(name="test_resnet", num_classes=10)
+VIT = dict(name="test_vit", num_classes=10, model_kwargs=dict(img_size=32, patch_size=8))
+# 48 training images in batches of 16: 3 steps per epoch, 6 in the 2-epoch fit.
+DATA = dict(batch_size=16, train_subset=48, val_split=32)
+
+
+class Killed(Exception):
+    """Stands in for a crash (or SIGKILL) right after a checkpoint was written."""
+
+
+class KillAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed at step {self.step}")
+
+
+def _module(teachers, terms, **kw):
+    return DistillationModule(
+        student=ModelConfig(**VIT),
+        teachers=teachers,
+        terms=terms,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        # A step-level schedule: its position is part of what must resume.
+        scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5),
+        scheduler_interval="step",
+        eval_teachers=False,
+        **kw,
+    )
+
+
+def _fit(root, make_module, ckpt_path=None, callbacks=(), seed=0):
+    L.seed_everything(seed, verbose=False)
+    module = make_module()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        callbacks=list(callbacks),
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(Killed):
+            trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=ckpt_path, weights_only=True)
+    return module, trainer
+
+
+def _every(root, n):
+    return ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=n, save_top_k=-1)
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"differ after resume: {different[:10]}"
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    """Teachers with weights files: rebuildable, so checkpoints leave them out."""
+    root = tmp_path_factory.mktemp("teachers")
+    paths = []
+    for i, cfg in enumerate((CNN, VIT)):
+        torch.manual_seed(10 + i)
+        model = ModelConfig(**cfg)
+        path = root / f"t{i}.safetensors"
+        save_file(Backbone.from_config(model).model.state_dict(), str(path))
+        paths.append(ModelConfig(**cfg, checkpoint=str(path)))
+    return paths
+
+
+def test_kill_mid_epoch_and_resume_is_bitwise_exact_with_unic_nd_meal_v2(tmp_path, teacher_files):
+    def make():
+        # UNIC's teacher dropping and ND's projector dropout draw from the global RNG.
+        terms = [UNIC(drop_prob=0.5), ND(cache_dir=""), MEALV2(), KD()]
+        return _module(teacher_files, terms)
+
+    reference, _ = _fit(tmp_path / "ref", make)
+    # Killed at step 4: epoch 1, after 1 of its 3 batches; the checkpoint is from step 4.
+    _fit(tmp_path / "run", make, callbacks=[_every(tmp_path / "run", 2), KillAt(4)])
+    ckpt = tmp_path / "run" / "step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("teachers.") for k in saved["state_dict"])  # rebuilt on load
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 1
+    # Another seed for the resumed process: order and RNG come from the checkpoint.
+    resumed, trainer = _fit(tmp_path / "run", make, ckpt_path=ckpt, seed=123)
+    assert trainer.global_step == 6
+    _assert_same_state(reference, resumed)
+    unic, nd, meal = resumed.terms[:3]
+    assert not torch.equal(unic.cls_stats[0].mean, torch.zeros_like(unic.cls_stats[0].mean))
+    assert bool(nd.means_ready) and meal.discriminator is not None
+
+
+def test_resume_with_teacher_cache_and_mst_router_is_exact_mid_epoch_and_at_epoch_end(tmp_path):
+    teachers = [ModelConfig(**CNN), ModelConfig(**VIT)]  # random init: kept in checkpoints
+    cache_dir = tmp_path / "cache"
+    torch.manual_seed(0)
+    module = _module(teachers, [KD()])
+    dm = DigitsDataModule(**DATA)
+    dm.setup("fit")
+    build_teacher_cache(module, dm, cache_dir, epochs=2, top_k=10, progress=False)
+
+    def make():
+        torch.manual_seed(0)  # the same random teachers as the cache's
+        terms = [MSTRouting(top_k=1, mode="soft_mixture"), KD()]
+        return _module(teachers, terms, teacher_cache=str(cache_dir))
+
+    root = tmp_path / "ref"
+    reference, _ = _fit(root, make, callbacks=[_every(root, 1)])
+    saved = torch.load(root / "step=2.ckpt", weights_only=True)
+    assert any(k.startswith("teachers.") for k in saved["state_dict"])
+    # step 2: mid-epoch 0; step 3: after the last batch of epoch 0.
+    for step in (2, 3):
+        resumed, _ = _fit(tmp_path / f"from{step}", make, ckpt_path=root / f"step={step}.ckpt")
+        _assert_same_state(reference, resumed)
+
+
+def test_loader_state_skips_the_batches_already_done():
+    data = torch.arange(20).float()
+    loader = ResumableDataLoader(data, batch_size=4, sampler=EpochSampler(20, epoch_keys=False))
+    loader.sampler.set_epoch(3)
+    full = list(loader)
+    loader.sampler.set_epoch(3)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"batches": 2, "epoch": 3, "seed": 0, "num_batches": 5, "batch_size": 4}
+    fresh = ResumableDataLoader(
+        data, batch_size=4, sampler=EpochSampler(20, seed=9, epoch_keys=False)
+    )
+    fresh.load_state_dict(state)
+    rest = list(fresh)
+    assert len(fresh) == 5 and len(rest) == 3  # full length for Lightning, 3 batches left
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
+    assert fresh.state_dict()["batches"] == 5
+    assert len(list(fresh)) == 5  # the skip applies to the resumed epoch only
+
+
+def test_loader_state_from_other_data_is_refused():
+    loader = ResumableDataLoader(torch.zeros(20), batch_size=4, sampler=EpochSampler(20))
+    state = {"batches": 2, "epoch": 0, "seed": 0, "num_batches": 5, "batch_size": 8}
+    with pytest.raises(CheckpointError, match="batch_size=8, this run's has 4"):
+        loader.load_state_dict(state)
+
+
+def test_sharded_sampler_ranks_make_up_the_single_process_batches():
+    single = epoch_sampler(10, seed=3)
+    ranks = [epoch_sampler(10, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for s in (single, *ranks):
+        s.set_epoch(1)
+    order = [i for _, i in single]
+    shards = [[i for _, i in s] for s in ranks]
+    assert all(isinstance(s, torch.utils.data.DistributedSampler) for s in ranks)
+    assert len(ranks[0]) == 5 and shards[0] == order[0::2] and shards[1] == order[1::2]
+    # batch t of 2 per rank == single-process batch t of 4
+    assert set(shards[0][:2] + shards[1][:2]) == set(order[:4])
+    odd = [epoch_sampler(5, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(list(s)) for s in odd] == [3, 3]  # padded, as DistributedSampler

@@ -1,0 +1,199 @@
+"""What a :class:`~visdistill.DistillationModule` adds to and checks in Lightning checkpoints.
+
+Lightning 2.6 saves the module's ``state_dict`` (student, terms' parameters and buffers:
+UNIC running statistics, ND class means, MST router, MEAL V2 discriminator, the
+non-finite counter), the optimizers, schedulers, loop progress and the training loader's
+``state_dict`` (:class:`~visdistill.data.resumable.ResumableDataLoader`: epoch and
+position). It does not save random-number generator states; :func:`on_save` adds them
+(CPU, CUDA, Python, NumPy) so dropout, teacher dropping and unreplayed augmentations
+continue the uninterrupted run's stream.
+
+It also drops the frozen teachers' weights (``teachers.*``) when every teacher can be
+rebuilt from its config (a ``checkpoint`` file, ``pretrained`` weights or a ``zoo:``
+entry), keeping a sha256 of them instead; :func:`on_load` puts the rebuilt teachers'
+weights back after checking that sha256, so a changed teacher file is an error, not a
+silently different run. Randomly initialised teachers are kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, format_keys
+from .teachers import teacher_fingerprint
+
+KEY = "visdistill"
+TEACHER_PREFIX = "teachers."
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a ``ckpt_path`` that is missing, unreadable or carries pickled code, naming it
+    (Lightning would raise from deep inside ``torch.load``). Reads lazily (``mmap``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path} (resolved: {path.resolve()}); give the .ckpt of a "
+            "`visdistill fit` run, e.g. runs/<name>/checkpoints/last.ckpt, or `last`"
+        )
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds pickled objects other than tensors, which visdistill refuses to "
+            f"load (weights_only=True). torch said: {str(e).splitlines()[0]}"
+        ) from None
+    except Exception as e:  # truncated, or not a checkpoint at all
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def find_last_checkpoint(trainer: Any) -> str | None:
+    """The newest ``last*.ckpt`` of this run: in the folders of the trainer's
+    ``ModelCheckpoint`` callbacks and, when the logger numbers its versions
+    (``version_0``, ``version_1``, ...), in every version's ``checkpoints/``. Lightning's
+    own ``ckpt_path="last"`` looks only in the *new* version's folder and starts from
+    scratch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = {Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"}
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.add(Path(callback.dirpath))
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "save_dir", None):
+        folders.update(Path(logger.save_dir, logger.name or "").glob("*/checkpoints"))
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The global RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def teachers_rebuildable(teacher_configs: list[dict[str, Any]]) -> bool:
+    """Whether every teacher's weights come from somewhere other than the checkpoint."""
+    return bool(teacher_configs) and all(
+        c.get("checkpoint") or c.get("pretrained") or str(c.get("name", "")).startswith("zoo:")
+        for c in teacher_configs
+    )
+
+
+def on_save(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Add RNG states and the terms' names; drop rebuildable teachers' weights."""
+    extra: dict[str, Any] = {
+        "rng": collect_rng_states(),
+        "terms": [type(t).__name__ for t in module.terms],
+    }
+    if module.teachers is not None and teachers_rebuildable(module.hparams["teachers"]):
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        extra["teachers_sha256"] = _fingerprint(module)
+    checkpoint[KEY] = extra
+
+
+def on_load(module: Any, checkpoint: dict[str, Any], source: str | None = None) -> None:
+    """Check that ``checkpoint`` was written by this configuration and restore what
+    :func:`on_save` removed; restore the RNG states when ``restore_rng``."""
+    source = source or "the checkpoint"
+    extra = checkpoint.get(KEY, {})
+    state = checkpoint.get("state_dict", {})
+    if "teachers_sha256" in extra and module.teachers is not None:
+        if extra["teachers_sha256"] != _fingerprint(module):
+            raise CheckpointError(
+                f"{source} was trained with other teacher weights than the ones its teacher "
+                f"configs load now ({_teacher_names(module)}): a teacher file or zoo entry "
+                "changed since. Restore the original teacher files to resume"
+            )
+        for key, value in module.teachers.state_dict().items():
+            state.setdefault(TEACHER_PREFIX + key, value)
+    _check_fits(module, checkpoint, extra, source)
+
+
+def restore_rng(checkpoint: dict[str, Any]) -> None:
+    if "rng" in checkpoint.get(KEY, {}):
+        restore_rng_states(checkpoint[KEY]["rng"])
+
+
+def _check_fits(module: Any, checkpoint: dict[str, Any], extra: dict, source: str) -> None:
+    state: dict[str, Tensor] = checkpoint.get("state_dict", {})
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and isinstance(state[k], Tensor) and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    differences = []
+    saved = checkpoint.get("hyper_parameters", {})
+    now = dict(module.hparams)
+    for field in ("student", "teachers"):
+        if field in saved and saved[field] != now.get(field):
+            differences.append(
+                f"{field}: checkpoint {_names(saved[field])}, config {_names(now[field])}"
+            )
+    terms = [type(t).__name__ for t in module.terms]
+    if "terms" in extra and extra["terms"] != terms:
+        differences.append(f"terms: checkpoint {extra['terms']}, config {terms}")
+    problems = [f"missing keys: {format_keys(missing)}"] if missing else []
+    problems += [f"unexpected keys: {format_keys(unexpected)}"] if unexpected else []
+    problems += [f"shape mismatches: {format_keys(shapes, 5)}"] if shapes else []
+    raise CheckpointError(
+        f"{source} was written by another configuration"
+        + (f" ({'; '.join(differences)})" if differences else "")
+        + ": "
+        + "; ".join(problems)
+        + ". Resume with the config the checkpoint was trained with (its hyper-parameters are "
+        "in the checkpoint and in the run's config.yaml), or start a new run"
+    )
+
+
+def _names(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("name"))
+    if isinstance(value, list):
+        return "[" + ", ".join(_names(v) for v in value) + "]"
+    return repr(value)
+
+
+def _teacher_names(module: Any) -> str:
+    return ", ".join(t.name for t in module.teachers)
+
+
+def _fingerprint(module: Any) -> str:
+    # Teachers are frozen: hash them once per module.
+    if getattr(module, "_teachers_sha256", None) is None:
+        module._teachers_sha256 = teacher_fingerprint(list(module.teachers))
+    return module._teachers_sha256
