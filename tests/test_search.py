@@ -6,6 +6,7 @@ import random
 import re
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -13,6 +14,7 @@ from visdistill import ConfigError, UnknownModelError
 from visdistill.cli import main
 from visdistill.search import (
     Candidate,
+    CandidateError,
     Constraints,
     Cost,
     Evaluated,
@@ -130,6 +132,20 @@ def test_constraints_filter_candidates_and_impossible_ones_name_the_smallest():
     with pytest.raises(ConfigError, match=r"by FLOPs is toy\[x=0 y=0 z=0\] with 500 FLOPs") as e:
         search(space, known_score, 64, Constraints(max_params=500, max_flops=100), toy_cost)
     assert "max params 500, max FLOPs 100" in str(e.value) and "by params" not in str(e.value)
+
+
+def test_candidates_that_cannot_run_are_skipped_with_a_warning():
+    def score(c):
+        if c.model_kwargs == {"x": 3, "y": 3, "z": 3}:  # the best of Grid(4): score -20
+            raise CandidateError("cannot build or run it (AssertionError: input size)")
+        return known_score(c)
+
+    with pytest.warns(UserWarning, match=r"skipping toy\[x=3 y=3 z=3\]: cannot build"):
+        result = search(Grid(4), score, budget=64)
+    assert len(result.history) == 63 and result.best.score == -21.0  # (3, 2, 3)
+    assert list(result.failed) == ["toy[x=3 y=3 z=3]"]
+    with pytest.raises(ConfigError, match="no candidate of .* could be scored"):
+        search(Grid(1), lambda c: score(Candidate.of("toy", x=3, y=3, z=3)), budget=1)
 
 
 def test_bad_search_arguments():
@@ -272,3 +288,34 @@ def test_search_cli_with_a_trained_teacher_and_a_timm_name_space(tmp_path, capsy
     out = capsys.readouterr().out
     assert "mobilenetv3_small_050" in out and "lcnet_050" in out
     assert (tmp_path / "b.yaml").is_file()
+
+
+def test_teacher_from_an_export_folder_and_bad_teacher_paths(tmp_path):
+    from safetensors.torch import save_file
+
+    from visdistill.search.cli import build_teacher
+
+    kwargs = {"channels": [8, 8, 16, 16], "stem_width": 8}
+    model = timm.create_model("resnet10t", num_classes=10, **kwargs)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    config = {
+        "architecture": "resnet10t",
+        "num_classes": 10,
+        "model_args": kwargs,
+        "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    teacher, entry, trained = build_teacher(str(folder), 10)
+    assert trained and entry == {"name": f"local-dir:{folder.resolve()}", "pretrained": True}
+    torch.testing.assert_close(teacher.model.state_dict(), model.state_dict())
+    assert teacher.input_spec.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match="predicts 10 classes, the data 5"):
+        build_teacher(str(folder), 5)
+    (tmp_path / "run.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="export its student first"):
+        build_teacher(str(tmp_path / "run.ckpt"), 10)
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="lacks config.json"):
+        build_teacher(str(folder), 10)

@@ -2,6 +2,7 @@
 spaces with cost constraints, exhaustive ranking and regularised evolution."""
 
 from .evolution import (
+    CandidateError,
     Evaluated,
     RegularizedEvolution,
     SearchResult,
@@ -29,6 +30,7 @@ from .spaces import (
 __all__ = [
     "FAMILIES",
     "Candidate",
+    "CandidateError",
     "CandidateList",
     "Constraints",
     "Cost",

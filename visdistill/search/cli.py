@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, VisdistillError
 from ..models import Backbone, check_model_name
-from .evolution import SearchResult, search
+from .evolution import CandidateError, SearchResult, search
 from .scores import COMPONENTS, INITS, DisWOTScorer
 from .spaces import Candidate, Constraints, format_count, measure_cost, parse_count, parse_space
 
@@ -206,6 +207,19 @@ def fit_config(
     }
 
 
+@contextlib.contextmanager
+def candidate_errors(c: Candidate):
+    """Errors from deep inside timm/torch for one candidate (say, a fixed-size ViT or MLP at
+    32 px) become a :class:`CandidateError`: the search skips it with a warning."""
+    try:
+        yield
+    except VisdistillError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CandidateError(f"cannot build or run it ({type(e).__name__}: {first})") from e
+
+
 # ------------------------------------------------------------------------------ output
 def print_table(result: SearchResult, top: int, console=None) -> None:
     from rich.console import Console
@@ -335,10 +349,12 @@ def search_main(args: list[str]) -> SearchResult:
 
     def score_fn(c: Candidate):
         torch.manual_seed(ns.seed)
-        return scorer(c.build(num_classes), copy_model=False)
+        with candidate_errors(c):
+            return scorer(c.build(num_classes), copy_model=False)
 
     def cost_fn(c: Candidate, flops: bool = False, latency: bool = False):
-        return measure_cost(c, num_classes, ns.image_size, flops=flops, latency=latency)
+        with candidate_errors(c):
+            return measure_cost(c, num_classes, ns.image_size, flops=flops, latency=latency)
 
     from rich.progress import Progress
 

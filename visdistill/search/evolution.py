@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,14 @@ from .spaces import (
 )
 
 ScoreFn = Callable[[Candidate], "float | DisWOTScore"]
+
+
+class CandidateError(ConfigError):
+    """A candidate that cannot be built or run (e.g. a fixed-size model at the data's size).
+    Raised by a score or cost function, it makes the search skip that candidate with a
+    warning instead of stopping."""
+
+
 CostFn = Callable[..., Cost]
 
 
@@ -75,6 +84,7 @@ class SearchResult:
     seconds: float
     space: str
     rejected: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def best(self) -> Evaluated:
@@ -85,7 +95,8 @@ class SearchResult:
             "method": self.method,
             "space": self.space,
             "evaluated": len(self.history),
-            "rejected_by_constraints": self.rejected,
+            "rejected": self.rejected,
+            "failed": self.failed,
             "seconds": self.seconds,
             "ranking": [e.as_dict() for e in self.ranking],
         }
@@ -118,6 +129,7 @@ class _Evaluator:
         self.costs: dict[Candidate, Cost] = {}
         self.history: list[Evaluated] = []
         self.rejected: set[Candidate] = set()
+        self.failed: dict[Candidate, str] = {}
         self.progress = progress
 
     def cost(self, c: Candidate, flops: bool = False, latency: bool = False) -> Cost | None:
@@ -149,16 +161,32 @@ class _Evaluator:
             return True
         if c in self.rejected:
             return False
-        if self.violations(c):
-            self.rejected.add(c)
+        try:
+            if self.violations(c):
+                self.rejected.add(c)
+                return False
+        except CandidateError as e:
+            self._skip(c, e)
             return False
         return True
 
-    def evaluate(self, c: Candidate) -> tuple[Evaluated, bool]:
-        """``(evaluated, new)``; ``new`` is False for a cached candidate."""
+    def _skip(self, c: Candidate, error: Exception) -> None:
+        warnings.warn(f"skipping {c.label}: {error}", stacklevel=3)
+        self.rejected.add(c)
+        self.failed[c] = str(error)
+
+    def evaluate(self, c: Candidate) -> tuple[Evaluated | None, bool]:
+        """``(evaluated, new)``; ``new`` is False for a cached candidate; ``(None, False)``
+        for a candidate whose score function raised :class:`CandidateError`."""
         if c in self.scores:
             return self.scores[c], False
-        result = self.score_fn(c)
+        if c in self.failed:
+            return None, False
+        try:
+            result = self.score_fn(c)
+        except CandidateError as e:
+            self._skip(c, e)
+            return None, False
         if isinstance(result, DisWOTScore):
             score, components = result.total, result.as_dict()
         else:
@@ -284,7 +312,7 @@ class RegularizedEvolution:
             e, new = ev.evaluate(c)
             if new:
                 members.append(e)
-            elif len(ev.scores) >= (size or float("inf")):
+            elif len(ev.scores) + len(ev.failed) >= (size or float("inf")):
                 break
         stale = 0
         while len(ev.history) < limit and members and stale < 20 * self.max_attempts:
@@ -307,16 +335,26 @@ class RegularizedEvolution:
                 continue
             e, new = ev.evaluate(child)
             stale = 0 if new else stale + 1
+            if e is None:
+                continue
             members.append(e)
             members.popleft()
-        return SearchResult(
-            ranking=rank(ev.history),
-            history=ev.history,
-            method="evolution",
-            seconds=time.perf_counter() - start,
-            space=self.space.describe(),
-            rejected=len(ev.rejected),
-        )
+        return _result(ev, "evolution", start, self.space)
+
+
+def _result(ev: _Evaluator, method: str, start: float, space: SearchSpace) -> SearchResult:
+    if not ev.history:
+        failures = "; ".join(f"{c.label}: {msg}" for c, msg in list(ev.failed.items())[:5])
+        raise ConfigError(f"no candidate of {space.describe()} could be scored ({failures})")
+    return SearchResult(
+        ranking=rank(ev.history),
+        history=ev.history,
+        method=method,
+        seconds=time.perf_counter() - start,
+        space=space.describe(),
+        rejected=len(ev.rejected),
+        failed=dict((c.label, msg) for c, msg in ev.failed.items()),
+    )
 
 
 def _size(space: SearchSpace) -> int | None:
@@ -340,14 +378,7 @@ def exhaustive_search(
     feasible = feasible_candidates(space, ev, check_progress)
     for c in feasible:
         ev.evaluate(c)
-    return SearchResult(
-        ranking=rank(ev.history),
-        history=ev.history,
-        method="exhaustive",
-        seconds=time.perf_counter() - start,
-        space=space.describe(),
-        rejected=len(ev.rejected),
-    )
+    return _result(ev, "exhaustive", start, space)
 
 
 def feasible_candidates(space: SearchSpace, ev: _Evaluator, check_progress: Any = None):
