@@ -218,9 +218,20 @@ class DistillationModule(L.LightningModule):
         self.train_acc.update(out.logits.detach(), batch["target"])
         n = len(batch["target"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+        if self._components_logged_this_step():
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return total
+
+    def _components_logged_this_step(self) -> bool:
+        """Log the loss components on the first step and on the steps whose metrics reach the
+        loggers (``trainer.log_every_n_steps``) only: every ``self.log`` call costs Lightning
+        bookkeeping, and in between the values would only refresh ``callback_metrics``."""
+        trainer = self._trainer
+        if trainer is None or self.global_step == 0 or trainer.fast_dev_run:
+            return True
+        # Lightning's own test for "this step's metrics go to the loggers".
+        return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images, target = batch["image"], batch["target"]
