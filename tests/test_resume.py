@@ -8,10 +8,19 @@ import warnings
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
-from visdistill import KD, ND, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill import (
+    KD,
+    ND,
+    DigitsDataModule,
+    DistillationModule,
+    ModelConfig,
+    export_student,
+)
+from visdistill.cli import main
 from visdistill.data.replay import EpochSampler, epoch_sampler
 from visdistill.data.resumable import ResumableDataLoader
 from visdistill.distillers import MEALV2, UNIC, MSTRouting
@@ -117,6 +126,14 @@ def test_kill_mid_epoch_and_resume_is_bitwise_exact_with_unic_nd_meal_v2(tmp_pat
     resumed, trainer = _fit(tmp_path / "run", make, ckpt_path=ckpt, seed=123)
     assert trainer.global_step == 6
     _assert_same_state(reference, resumed)
+    # Without the teachers in it, the checkpoint still exports and loads (teachers rebuilt).
+    out = export_student(ckpt, tmp_path / "export")
+    assert (out / "model.safetensors").is_file()
+    # Terms are modules, not hyper-parameters: load_from_checkpoint takes them again.
+    terms = [UNIC(drop_prob=0.5), ND(cache_dir=""), MEALV2(), KD()]
+    loaded = DistillationModule.load_from_checkpoint(ckpt, weights_only=True, terms=terms)
+    teacher = Backbone.from_config(teacher_files[0]).state_dict()
+    assert all(torch.equal(v, loaded.teachers[0].state_dict()[k]) for k, v in teacher.items())
     unic, nd, meal = resumed.terms[:3]
     assert not torch.equal(unic.cls_stats[0].mean, torch.zeros_like(unic.cls_stats[0].mean))
     assert bool(nd.means_ready) and meal.discriminator is not None
@@ -146,9 +163,11 @@ def test_resume_with_teacher_cache_and_mst_router_is_exact_mid_epoch_and_at_epoc
         _assert_same_state(reference, resumed)
 
 
-def test_loader_state_skips_the_batches_already_done():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_skips_the_batches_already_done(workers):
     data = torch.arange(20).float()
-    loader = ResumableDataLoader(data, batch_size=4, sampler=EpochSampler(20, epoch_keys=False))
+    kw = dict(batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+    loader = ResumableDataLoader(data, sampler=EpochSampler(20, epoch_keys=False), **kw)
     loader.sampler.set_epoch(3)
     full = list(loader)
     loader.sampler.set_epoch(3)
@@ -156,15 +175,15 @@ def test_loader_state_skips_the_batches_already_done():
     next(it), next(it)
     state = loader.state_dict()
     assert state == {"batches": 2, "epoch": 3, "seed": 0, "num_batches": 5, "batch_size": 4}
-    fresh = ResumableDataLoader(
-        data, batch_size=4, sampler=EpochSampler(20, seed=9, epoch_keys=False)
-    )
+    fresh = ResumableDataLoader(data, sampler=EpochSampler(20, seed=9, epoch_keys=False), **kw)
     fresh.load_state_dict(state)
     rest = list(fresh)
     assert len(fresh) == 5 and len(rest) == 3  # full length for Lightning, 3 batches left
     assert all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
     assert fresh.state_dict()["batches"] == 5
-    assert len(list(fresh)) == 5  # the skip applies to the resumed epoch only
+    fresh.sampler.set_epoch(3)
+    again = list(fresh)  # the skip applies to the resumed epoch only
+    assert len(again) == 5 and all(torch.equal(a, b) for a, b in zip(again, full, strict=True))
 
 
 def test_loader_state_from_other_data_is_refused():
@@ -187,3 +206,102 @@ def test_sharded_sampler_ranks_make_up_the_single_process_batches():
     assert set(shards[0][:2] + shards[1][:2]) == set(order[:4])
     odd = [epoch_sampler(5, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
     assert [len(list(s)) for s in odd] == [3, 3]  # padded, as DistributedSampler
+
+
+# ---------------------------------------------------------------------------- the CLI
+TINY = {
+    "student": {"name": "test_resnet", "num_classes": 10},
+    "teachers": [{"name": "test_vit", "num_classes": 10, "model_kwargs": VIT["model_kwargs"]}],
+    "terms": [{"class_path": "visdistill.KD", "init_args": {"temperature": 2.0}}],
+}
+
+
+def _cli_config(root):
+    from test_cli import CONFIG
+
+    config = {**CONFIG, "model": TINY}
+    config["trainer"] = {**CONFIG["trainer"], "default_root_dir": str(root / "runs")}
+    path = root / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _student(ckpt):
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
+@pytest.fixture(scope="module")
+def killed_cli_run(tmp_path_factory):
+    """`visdistill fit` for 2 epochs of 2 steps, killed at step 3 (mid-epoch 1), writing
+    last.ckpt every step."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = _cli_config(root)
+    kill = ["--trainer.callbacks+=test_resume.KillAt", "--trainer.callbacks.step=3"]
+    with pytest.raises(Killed):
+        main(
+            ["fit", "--config", cfg, "--trainer.max_epochs=2", "--checkpoint_every_n_steps=1"]
+            + kill
+        )
+    (ckpt,) = (root / "runs").rglob("last.ckpt")
+    return root, cfg, ckpt
+
+
+def test_cli_kill_then_ckpt_path_last_resumes_mid_epoch_exactly(killed_cli_run):
+    root, cfg, first = killed_cli_run
+    saved = torch.load(first, weights_only=True)
+    assert saved["global_step"] == 3 and saved["epoch"] == 1  # mid-epoch 1
+    # Lightning alone would look in the new version_1/checkpoints and start from scratch.
+    main(["fit", "--config", cfg, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    resumed = root / "runs" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert first.parent.parent.name == "version_0" and resumed.is_file()
+    assert torch.load(resumed, weights_only=True)["global_step"] == 4
+    other = root / "uninterrupted"
+    other.mkdir()
+    main(["fit", "--config", _cli_config(other), "--trainer.max_epochs=2"])
+    (straight,) = (other / "runs").rglob("last.ckpt")
+    a, b = _student(resumed), _student(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_cli_bad_resume_checkpoints_are_one_clear_line(killed_cli_run, tmp_path, capsys):
+    from test_hostile_input import _run
+
+    _, cfg, ckpt = killed_cli_run
+    missing = tmp_path / "nope.ckpt"
+    err = _run(["fit", "--config", cfg, "--ckpt_path", str(missing)], capsys)
+    assert f"checkpoint not found: {missing}" in err
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:2000])
+    err = _run(["fit", "--config", cfg, "--ckpt_path", str(truncated)], capsys)
+    assert f"cannot read checkpoint {truncated}" in err
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _Evil()}, evil)
+    err = _run(["fit", "--config", cfg, "--ckpt_path", str(evil)], capsys)
+    assert "pickled objects" in err and "pwned" not in capsys.readouterr().out
+    # Other terms than the checkpoint's: named, not a torch key dump. (LightningCLI takes
+    # the student and teachers from the checkpoint's hyper-parameters; terms are not there.)
+    args = ["fit", "--config", cfg, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2"]
+    terms = '[{"class_path": "visdistill.KD"}, {"class_path": "visdistill.MEALV2"}]'
+    err = _run([*args, "--model.terms", terms], capsys)
+    assert "was written by another configuration (terms: checkpoint ['KD'], config" in err
+    assert "unexpected keys" not in err and "missing keys: terms.1.discriminator" in err
+
+
+def test_resuming_another_students_checkpoint_names_both(killed_cli_run, tmp_path):
+    _, _, ckpt = killed_cli_run
+    module = DistillationModule(
+        student=ModelConfig(name="test_convnext", num_classes=10),
+        teachers=[ModelConfig(**TINY["teachers"][0])],
+        terms=[KD()],
+    )
+    trainer = L.Trainer(max_epochs=2, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=ckpt, weights_only=True)
+    assert f"{ckpt} was written by another configuration" in str(e.value)
+    assert "student: checkpoint test_resnet, config test_convnext" in str(e.value)

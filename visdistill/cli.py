@@ -49,12 +49,61 @@ class VisdistillCLI(LightningCLI):
             default=False,
             help="after `fit`, evaluate the best checkpoint (by val/acc) on the test split",
         )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="also write last.ckpt every N training steps (mid-epoch resume with "
+            "--ckpt_path last; by default it is written at every epoch end)",
+        )
 
     def before_instantiate_classes(self) -> None:
         # Our checkpoints hold only tensors and plain types: never unpickle code on resume.
         config = self.config[self.subcommand] if self.subcommand else self.config
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path()
+        every = self.config[self.subcommand].get("checkpoint_every_n_steps")
+        if every:
+            # A second writer of last.ckpt: the epoch-end one stays (same file name).
+            self.trainer.callbacks.append(
+                ModelCheckpoint(
+                    monitor=None,
+                    filename="last",
+                    every_n_train_steps=every,
+                    enable_version_counter=False,
+                )
+            )
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        """``last`` -> the run's newest last.ckpt (any logger version); a file -> checked
+        first, so a missing, truncated or code-carrying checkpoint is one clear error."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from .resume import check_checkpoint_file, find_last_checkpoint
+
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if path == "last" and self.subcommand == "fit":
+            config["ckpt_path"] = find_last_checkpoint(self.trainer)
+            if config["ckpt_path"] is None:
+                rank_zero_warn(
+                    f"--ckpt_path last: no last.ckpt under {self.trainer.default_root_dir}; "
+                    "training starts from scratch"
+                )
+        elif path is not None and path not in ("best", "last", "hpc") and "://" not in path:
+            check_checkpoint_file(path)  # a ckpt_path from a config file
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
@@ -166,6 +215,23 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"{value}:{where}: invalid YAML: {problem}") from None
 
 
+def check_ckpt_path_args(args: list[str]) -> None:
+    """Check a ``--ckpt_path FILE`` first: LightningCLI reads it with ``torch.load`` before
+    anything else (to take the model's hyper-parameters from it), so a truncated or
+    code-carrying file would otherwise be a torch traceback."""
+    from .resume import check_checkpoint_file
+
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if value not in ("best", "last", "hpc", "null", "None") and "://" not in value:
+            check_checkpoint_file(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -175,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command in LIGHTNING_COMMANDS:
             check_config_files(rest)
+            check_ckpt_path_args(rest)
             lightning_main(None if argv is None else args)
         elif command == "export":
             export_main(rest)

@@ -33,15 +33,16 @@ def _epoch_sampler(sampler: Any) -> EpochSampler | None:
 
 
 class _SkipFirst:
-    """The loader's batch index sampler, minus the batches a resumed epoch already did
-    (read once, at ``iter()``); its length stays the full epoch's, as Lightning expects."""
+    """The loader's batch index sampler, minus the batches a resumed epoch already did; its
+    length stays the full epoch's, as Lightning expects."""
 
     def __init__(self, base: Any, loader: ResumableDataLoader) -> None:
         self.base, self.loader = base, loader
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self.loader._skip = self.loader._skip, 0
-        return itertools.islice(iter(self.base), skip, None)
+        # Read, not consumed: with workers torch iterates this twice while building the
+        # iterator (__init__ and _reset); the loader clears the skip once it is built.
+        return itertools.islice(iter(self.base), self.loader._skip, None)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -67,7 +68,11 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self._batches = self._skip
-        return self._count(super().__iter__())
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._skip = 0  # the resumed epoch only (persistent workers re-iterate later)
+        return self._count(iterator)
 
     def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
