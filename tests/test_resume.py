@@ -305,3 +305,40 @@ def test_resuming_another_students_checkpoint_names_both(killed_cli_run, tmp_pat
         trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=ckpt, weights_only=True)
     assert f"{ckpt} was written by another configuration" in str(e.value)
     assert "student: checkpoint test_resnet, config test_convnext" in str(e.value)
+
+
+def test_teachers_left_out_of_checkpoints_are_rebuilt_and_a_changed_file_is_refused(
+    teacher_files, tmp_path
+):
+    from visdistill import resume
+
+    def build(teachers):
+        torch.manual_seed(0)
+        return DistillationModule(ModelConfig(**VIT), teachers, [KD()])
+
+    module = build(teacher_files)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    resume.on_save(module, checkpoint)
+    assert not any(k.startswith("teachers.") for k in checkpoint["state_dict"])
+    assert len(checkpoint["visdistill"]["teachers_sha256"]) == 64
+    resume.on_load(build(teacher_files), checkpoint)  # rebuilt from the files: accepted
+    assert all(
+        torch.equal(v, checkpoint["state_dict"][f"teachers.{k}"])
+        for k, v in module.teachers.state_dict().items()
+    )
+    # The first teacher's file is overwritten by other weights after training.
+    changed = Backbone.from_config(ModelConfig(**CNN)).model.state_dict()
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    moved = [ModelConfig(**CNN, checkpoint=str(tmp_path / "changed.safetensors")), teacher_files[1]]
+    checkpoint["state_dict"] = {
+        k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")
+    }
+    with pytest.raises(CheckpointError, match="other teacher weights.*test_resnet, test_vit"):
+        resume.on_load(build(moved), checkpoint, "run.ckpt")
+
+
+def test_cli_ckpt_path_last_without_a_checkpoint_warns_and_starts(tmp_path):
+    cfg = _cli_config(tmp_path)
+    with pytest.warns(UserWarning, match="--ckpt_path last: no last.ckpt under"):
+        main(["fit", "--config", cfg, "--trainer.limit_train_batches=1", "--ckpt_path=last"])
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
