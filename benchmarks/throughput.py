@@ -20,6 +20,7 @@ of the per-round ratios, whose two variants ran minutes apart at most.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -260,6 +261,7 @@ def main() -> None:
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             rounds.append({})
             for name in order:
+                gc.collect()  # the previous variant's garbage is not collected on this one's clock
                 rounds[-1][name] = variants[name]()
                 res = rounds[-1][name]
                 print(
