@@ -1,5 +1,12 @@
 """Pure loss functions: tensors in, tensor out, no parameters."""
 
+from .detection import (
+    binary_kd_loss,
+    channel_wise_loss,
+    fitnet_loss,
+    nd_feature_loss,
+    softmax_kd_loss,
+)
 from .diswot import (
     ickd_distance,
     relation_similarity,
@@ -27,6 +34,11 @@ from .trg import (
 )
 
 __all__ = [
+    "binary_kd_loss",
+    "channel_wise_loss",
+    "fitnet_loss",
+    "nd_feature_loss",
+    "softmax_kd_loss",
     "cosine_temperature",
     "discriminator_loss",
     "dkd_loss",
