@@ -46,6 +46,9 @@ METHODS = {
     "meal_v2": lambda: [MEALV2()],
     "unic (+kd)": lambda: [UNIC(), KD()],
     "mst": lambda: [MSTRouting(mode="utility", router_input="teacher_stats")],
+    "mst (+gates)": lambda: [
+        MSTRouting(mode="utility", router_input="teacher_stats", feature_gates=True)
+    ],
 }
 
 
