@@ -49,6 +49,9 @@ def test_discriminator_sees_student_logits_then_the_mean_teacher_logits(weights)
     by_hand = -(y * s.log() + (1 - y) * (1 - s).log()).sum() / 8
     assert torch.allclose(out["disc"], by_hand, atol=1e-6)
     assert (scores >= 0).all()  # the official final ReLU
+    # Diagnostic, not a loss: the share of the 2B rows the discriminator classifies right.
+    right = (scores.argmax(-1) == torch.tensor([0, 0, 1, 1])).float().mean()
+    assert "disc_acc" not in out and torch.equal(term.last_metrics["disc_acc"], right)
 
 
 def test_prob_input_is_the_fkd_variant():
@@ -149,6 +152,7 @@ def test_meal_v2_fits_with_a_lightning_trainer(tmp_path, mode):
     )
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0.0 <= float(trainer.callback_metrics["train/meal_v2/disc_acc"]) <= 1.0
     assert len(probe.norms) == 2
     for norms in probe.norms:
         assert all(v is not None for v in norms.values()) and sum(norms.values()) > 0

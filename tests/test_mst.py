@@ -217,7 +217,12 @@ def test_mst_with_gates_fits_with_a_lightning_trainer(tmp_path):
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert grads == [True, True]
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert {"train/mst/gate", "train/mst/utility"} <= set(trainer.callback_metrics)
+    metrics = trainer.callback_metrics
+    assert {"train/mst/gate", "train/mst/utility"} <= set(metrics)
+    # Diagnostics are logged beside the losses, not added to them.
+    fracs = [v for k, v in metrics.items() if k.startswith("train/mst/route_frac/")]
+    assert len(fracs) == term.n_experts and abs(float(sum(fracs)) - 1.0) < 1e-5
+    assert 0.0 <= float(metrics["train/mst/router_entropy"]) <= float(torch.log(torch.tensor(4.0)))
     assert all(torch.equal(v, before[k]) for k, v in module.teachers.state_dict().items())
     assert "gate_nets.0.fc1.weight" in term.state_dict()
     assert not any(k.startswith("_heads") for k in term.state_dict())

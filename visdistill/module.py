@@ -220,6 +220,13 @@ class DistillationModule(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         if self._components_logged_this_step():
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+            diagnostics = {
+                f"train/{term.name}/{k}": v
+                for term in self.terms
+                for k, v in term.last_metrics.items()
+            }
+            if diagnostics:
+                self.log_dict(diagnostics, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return total
 

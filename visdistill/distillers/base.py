@@ -36,6 +36,10 @@ class DistillTerm(nn.Module):
     and :meth:`on_fit_start`, called once before the first epoch with the module, for
     work that needs data (e.g. teacher class means).
 
+    Diagnostics that are not losses (routing frequencies, discriminator accuracy) go in
+    ``last_metrics``: detached scalars that the module logs as ``train/<name>/<key>`` on the
+    steps whose metrics reach the loggers, never added to the loss.
+
     Args:
         weight: multiplier of this term in the total loss.
     """
@@ -51,6 +55,7 @@ class DistillTerm(nn.Module):
         self.weight = float(weight)
         self.progress = 0.0
         self.epoch = 0.0
+        self.last_metrics: dict[str, Tensor] = {}
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""

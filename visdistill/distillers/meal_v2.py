@@ -138,4 +138,6 @@ class MEALV2(DistillTerm):
         scores = self.discriminator(torch.cat([s, t.detach()]))
         is_teacher = torch.arange(2 * len(s), device=s.device) >= len(s)
         out["disc"] = self.disc_weight * discriminator_loss(scores, is_teacher)
+        with torch.no_grad():  # 0.5 = the discriminator cannot tell student from teachers
+            self.last_metrics = {"disc_acc": (scores.argmax(-1) == is_teacher).float().mean()}
         return out

@@ -173,7 +173,6 @@ class MSTRouting(DistillTerm):
         # Gates read the teachers' pooled features; the embedding router the student's.
         self.needs_pooled = router_input == "student_embedding" or feature_gates
         self.n_teachers = self.n_experts = 0
-        self.last_metrics: dict[str, Tensor] = {}
         self._pending: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
