@@ -129,9 +129,13 @@ def test_kill_mid_epoch_and_resume_is_bitwise_exact_with_unic_nd_meal_v2(tmp_pat
     # Without the teachers in it, the checkpoint still exports and loads (teachers rebuilt).
     out = export_student(ckpt, tmp_path / "export")
     assert (out / "model.safetensors").is_file()
-    # Terms are modules, not hyper-parameters: load_from_checkpoint takes them again.
-    terms = [UNIC(drop_prob=0.5), ND(cache_dir=""), MEALV2(), KD()]
-    loaded = DistillationModule.load_from_checkpoint(ckpt, weights_only=True, terms=terms)
+    # The terms' arguments are in the hyper-parameters: load_from_checkpoint rebuilds them.
+    loaded = DistillationModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert [type(t).__name__ for t in loaded.terms] == ["UNIC", "ND", "MEALV2", "KD"]
+    term_keys = [k for k in saved["state_dict"] if k.startswith("terms.")]
+    assert term_keys and all(
+        torch.equal(loaded.state_dict()[k], saved["state_dict"][k]) for k in term_keys
+    )
     teacher = Backbone.from_config(teacher_files[0]).state_dict()
     assert all(torch.equal(v, loaded.teachers[0].state_dict()[k]) for k, v in teacher.items())
     unic, nd, meal = resumed.terms[:3]
@@ -287,11 +291,17 @@ def test_cli_bad_resume_checkpoints_are_one_clear_line(killed_cli_run, tmp_path,
     torch.save({"state_dict": _Evil()}, evil)
     err = _run(["fit", "--config", cfg, "--ckpt_path", str(evil)], capsys)
     assert "pickled objects" in err and "pwned" not in capsys.readouterr().out
-    # Other terms than the checkpoint's: named, not a torch key dump. (LightningCLI takes
-    # the student and teachers from the checkpoint's hyper-parameters; terms are not there.)
-    args = ["fit", "--config", cfg, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2"]
-    terms = '[{"class_path": "visdistill.KD"}, {"class_path": "visdistill.MEALV2"}]'
-    err = _run([*args, "--model.terms", terms], capsys)
+    # Other terms than the checkpoint's: named, not a torch key dump. (The CLI itself takes
+    # student, teachers and terms from the checkpoint's hyper-parameters: LightningCLI's rule.)
+    module = DistillationModule(
+        student=ModelConfig(**TINY["student"]),
+        teachers=[ModelConfig(**TINY["teachers"][0])],
+        terms=[KD(), MEALV2()],
+    )
+    trainer = L.Trainer(max_epochs=2, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=ckpt, weights_only=True)
+    err = str(e.value)
     assert "was written by another configuration (terms: checkpoint ['KD'], config" in err
     assert "unexpected keys" not in err and "missing keys: terms.1.discriminator" in err
 

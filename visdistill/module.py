@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import resume
-from .distillers.base import DistillTerm
+from .distillers.base import DistillTerm, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
 from .teachers import TeacherEnsemble, ensemble_probs, per_teacher_stages
@@ -41,7 +41,9 @@ class DistillationModule(L.LightningModule):
     Args:
         student: the model to train (:class:`ModelConfig` or an equivalent dict).
         teachers: frozen teachers, each with its own input spec and weights.
-        terms: distillation terms (e.g. ``KD``); each needs at least one teacher.
+        terms: distillation terms (e.g. ``KD``, or ``{"class_path", "init_args"}`` dicts);
+            each needs at least one teacher. Their constructor arguments are saved with the
+            hyper-parameters, so ``load_from_checkpoint(path)`` rebuilds them.
         ce_weight: weight of the hard-label cross-entropy.
         label_smoothing: label smoothing of that cross-entropy.
         optimizer: callable ``params -> Optimizer`` (LightningCLI ``class_path``).
@@ -88,18 +90,22 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         student_cfg = _as_config(student)
         teacher_cfgs = [_as_config(t) for t in teachers or []]
+        terms = [term_from_config(t) for t in terms or []]
         # Plain types only: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {
-                "student": asdict(student_cfg),
-                "teachers": [asdict(t) for t in teacher_cfgs],
-                "ce_weight": ce_weight,
-                "label_smoothing": label_smoothing,
-            }
-        )
+        hparams: dict[str, Any] = {
+            "student": asdict(student_cfg),
+            "teachers": [asdict(t) for t in teacher_cfgs],
+            "ce_weight": ce_weight,
+            "label_smoothing": label_smoothing,
+        }
+        term_configs = [t.config() for t in terms]
+        # Terms whose arguments are all plain values are rebuilt by load_from_checkpoint.
+        if all(c is not None for c in term_configs):
+            hparams["terms"] = term_configs
+        self.save_hyperparameters(hparams)
         self.student = Backbone.from_config(student_cfg)
         self.teachers = TeacherEnsemble(teacher_cfgs) if teacher_cfgs else None
-        self.terms = nn.ModuleList(terms or [])
+        self.terms = nn.ModuleList(terms)
         if self.terms and self.teachers is None:
             names = ", ".join(type(t).__name__ for t in self.terms)
             raise ConfigError(

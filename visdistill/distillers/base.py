@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import Backbone, ModelOutput
+
+_PLAIN = (bool, int, float, str, type(None))
 
 
 class DistillTerm(nn.Module):
@@ -40,6 +48,11 @@ class DistillTerm(nn.Module):
     ``last_metrics``: detached scalars that the module logs as ``train/<name>/<key>`` on the
     steps whose metrics reach the loggers, never added to the loss.
 
+    Every term records its constructor arguments: :meth:`config` returns them as a
+    LightningCLI-style ``{"class_path", "init_args"}`` dict of plain types, which the module
+    stores in its hyper-parameters so ``load_from_checkpoint`` rebuilds the terms
+    (:func:`term_from_config`).
+
     Args:
         weight: multiplier of this term in the total loss.
     """
@@ -56,6 +69,21 @@ class DistillTerm(nn.Module):
         self.progress = 0.0
         self.epoch = 0.0
         self.last_metrics: dict[str, Tensor] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__dict__["__init__"])
+
+    def config(self) -> dict[str, Any] | None:
+        """``{"class_path": ..., "init_args": {...}}`` that rebuilds this term, or ``None``
+        when an argument is not a plain value (a tensor, a callable): such a term must be
+        passed again to ``load_from_checkpoint``."""
+        args = self.__dict__.get("_init_args")
+        if args is None:
+            return None
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(args)}
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""
@@ -93,3 +121,78 @@ def uniform_or(teacher_weights: Tensor | None, batch: int, n_teachers: int, like
             f"got {tuple(teacher_weights.shape)}"
         )
     return teacher_weights.float()
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _recording_init(init):
+    """Wrap a term's ``__init__`` so the outermost call records its bound arguments."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        outermost = "_init_args" not in self.__dict__
+        if outermost:  # a subclass's super().__init__() must not overwrite the record
+            object.__setattr__(self, "_init_args", None)
+        init(self, *args, **kwargs)
+        if outermost:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            record: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    record.update(value)
+                elif kind is inspect.Parameter.VAR_POSITIONAL:
+                    record = None  # cannot be replayed by keyword
+                    break
+                elif isinstance(value, os.PathLike):
+                    record[name] = os.fspath(value)
+                else:
+                    record[name] = list(value) if isinstance(value, tuple) else value
+            plain = record is not None and _is_plain(record)
+            object.__setattr__(self, "_init_args", record if plain else None)
+
+    return wrapped
+
+
+def term_from_config(spec: DistillTerm | dict[str, Any]) -> DistillTerm:
+    """A term from ``{"class_path": "visdistill.KD", "init_args": {...}}`` (as saved in a
+    checkpoint's hyper-parameters, or written in a config); a term is returned as is.
+
+    Only ``visdistill`` modules are imported here: a checkpoint must not be able to import
+    arbitrary code. A term of your own must be imported (or passed as ``terms=``) first.
+    """
+    if isinstance(spec, DistillTerm):
+        return spec
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ConfigError(
+            f"a term must be a DistillTerm or a {{'class_path': ..., 'init_args': ...}} dict, "
+            f"got {spec!r}"
+        )
+    path = str(spec["class_path"])
+    module_name, _, cls_name = path.rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None and (module_name == "visdistill" or module_name.startswith("visdistill.")):
+        module = importlib.import_module(module_name)
+    if module is None:
+        raise ConfigError(
+            f"term class {path!r}: module {module_name!r} is not imported, and only visdistill "
+            "modules are imported from a checkpoint; import it first, or pass terms=[...] to "
+            "load_from_checkpoint"
+        )
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DistillTerm)):
+        raise ConfigError(f"{path!r} is not a DistillTerm class")
+    return cls(**dict(spec.get("init_args") or {}))
+
+
+DistillTerm.__init__ = _recording_init(DistillTerm.__init__)  # terms that inherit it record too
