@@ -1,5 +1,6 @@
 """Training throughput: visdistill against a hand-written KD loop, student-only training,
-the teacher cache and timm's built-in distillation task, in one process on one batch size.
+the teacher cache, timm's built-in distillation task and torchdistill (when installed), in
+one process on one batch size.
 
     python benchmarks/throughput.py                          # 5 rounds, 3 teachers + 1-teacher
     python benchmarks/throughput.py --rounds 7 --steps 10 --threads 1
@@ -160,22 +161,78 @@ def timm_task_run(args, teacher: str) -> dict[str, float]:
     return clock.result()
 
 
+def torchdistill_run(args, teacher: str) -> dict[str, float]:
+    """torchdistill's ``DistillationBox`` (one teacher; its KD loss with alpha 0.5, which
+    costs the same as CE + KD) driving the step: ``forward_process`` (teacher under
+    no_grad, student, loss) and ``post_forward_process`` (backward, AdamW step), the two
+    calls its own training loop makes per batch. Our loader feeds it, as in the other
+    variants. Teacher and student share the ImageNet input statistics, so the batch is
+    normalised once."""
+    from torchdistill.core.distillation import get_distillation_box
+
+    torch.manual_seed(0)
+    student = Backbone(STUDENT, num_classes=10).model
+    teacher_model = Teacher(teacher).model
+    kd = {
+        "key": "KDLoss",
+        "kwargs": {
+            "student_module_path": ".", "student_module_io": "output",
+            "teacher_module_path": ".", "teacher_module_io": "output",
+            "temperature": 4.0, "alpha": 0.5,
+        },
+    }  # fmt: skip
+    train_config = {
+        "num_epochs": 1,
+        "teacher": {"requires_grad": False, "forward_proc": "forward_batch_only"},
+        "student": {"forward_proc": "forward_batch_only"},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}},
+        },
+        "optimizer": {"key": "AdamW", "kwargs": {"lr": 1e-3}},
+    }
+    box = get_distillation_box(
+        teacher_model, student, {}, train_config, torch.device("cpu"), None, False, 1
+    )
+    box.pre_epoch_process(epoch=0)
+    box.teacher_model.eval()
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, -1, 1, 1)
+    clock = _Clock(args.warmup)
+    for i, batch in enumerate(_data(args).train_dataloader()):
+        clock.step_start(i)
+        x, y = (batch["image"] - mean) / std, batch["target"]
+        box.pre_forward_process()
+        loss = box.forward_process(x, y, {})
+        box.post_forward_process(loss)
+        clock.step_end(i, len(y))
+    return clock.result()
+
+
+def _torchdistill_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchdistill") is not None
+
+
 STUDENT_ONLY = "student only (visdistill)"
 HAND_3, LIVE_3, CACHED_3 = (
     "hand-written KD loop, 3 teachers",
     "visdistill live, 3 teachers",
     "visdistill cached, 3 teachers",
 )
-HAND_1, LIVE_1, TIMM_1 = (
+HAND_1, LIVE_1, TIMM_1, TORCHDISTILL_1 = (
     "hand-written KD loop, 1 teacher",
     "visdistill live, 1 teacher",
     "timm LogitDistillationTask, 1 teacher",
+    "torchdistill DistillationBox, 1 teacher",
 )
 # name: (numerator, denominator) of an images/s ratio; > 1 means the denominator is slower.
 RATIOS = {
     "visdistill live / hand loop step time (3 teachers)": (HAND_3, LIVE_3),
     "visdistill live / hand loop step time (1 teacher)": (HAND_1, LIVE_1),
     "visdistill live / timm task step time (1 teacher)": (TIMM_1, LIVE_1),
+    "visdistill live / torchdistill step time (1 teacher)": (TORCHDISTILL_1, LIVE_1),
     "cached epoch / student-only epoch": (STUDENT_ONLY, CACHED_3),
     "live epoch / cached epoch (speed-up)": (CACHED_3, LIVE_3),
 }
@@ -256,6 +313,10 @@ def main() -> None:
             LIVE_1: lambda: visdistill_run(args, TEACHERS[:1]),
             TIMM_1: lambda: timm_task_run(args, TEACHERS[0]),
         }
+        if _torchdistill_installed():  # optional: pip install torchdistill
+            variants[TORCHDISTILL_1] = lambda: torchdistill_run(args, TEACHERS[0])
+        else:
+            print("torchdistill is not installed: its variant is skipped", flush=True)
         rounds: list[dict[str, dict[str, float]]] = []
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
