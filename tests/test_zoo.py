@@ -181,7 +181,14 @@ def test_efficientnet_lite0_package_teacher_classifies_real_photos():
 
 
 @pytest.mark.parametrize(
-    "name", ["fmnist_resnet10t", "fmnist_vit_tiny_p8", "fmnist_convnext_atto", "fmnist_mnv3s050_kd"]
+    "name",
+    [
+        "fmnist_resnet10t",
+        "fmnist_vit_tiny_p8",
+        "fmnist_convnext_atto",
+        "fmnist_mnv3s050_kd",
+        "fmnist_mnv3s050_ofa",
+    ],
 )
 def test_zoo_evaluate_reproduces_each_shipped_fashion_mnist_model(name, capsys):
     main(["zoo", "evaluate", name])
