@@ -121,6 +121,34 @@ def test_config_errors_name_the_valid_choices():
         MEALV2(disc_input="logits")
     with pytest.raises(ConfigError, match="disc_min_hidden"):
         MEALV2(disc_min_hidden=0)
+    with pytest.raises(ConfigError, match="disc_lr_scale must be > 0"):
+        MEALV2(disc_lr_scale=0)
+
+
+def test_discriminator_lr_is_its_own_group_and_schedulers_keep_the_ratio():
+    module = DistillationModule(
+        ModelConfig(**CNN),
+        [ModelConfig(**CNN)],
+        [MEALV2(mode="grl", disc_lr_scale=0.01)],
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
+    )
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    student_group, disc_group = optimizer.param_groups
+    disc = {id(p) for p in module.terms[0].discriminator.parameters()}
+    assert {id(p) for p in disc_group["params"]} == disc
+    assert not disc & {id(p) for p in student_group["params"]}
+    assert len(student_group["params"]) == len(list(module.student.parameters()))
+    assert student_group["lr"] == 0.1 and disc_group["lr"] == pytest.approx(1e-3)
+    for _ in range(2):  # the official code's bug: one lr written to every group each epoch
+        optimizer.step()
+        scheduler.step()
+    assert disc_group["lr"] / student_group["lr"] == pytest.approx(0.01)
+    assert student_group["lr"] == pytest.approx(0.05)  # cos(pi / 2) halfway through
+    # Scale 1 (the default) leaves a single group, as without the option.
+    plain = DistillationModule(ModelConfig(**CNN), [ModelConfig(**CNN)], [MEALV2()])
+    assert len(plain.configure_optimizers().param_groups) == 1
 
 
 class _GradProbe(L.Callback):

@@ -345,8 +345,9 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self._param_groups())
+        for group in optimizer.param_groups:  # absolute lr from the optimizer's own default
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -354,6 +355,20 @@ class DistillationModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters: one default group, plus one group per ``lr_scales`` entry of
+        a term (with its ``lr_scale``), so schedulers scale every group alike."""
+        scaled: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        for term in self.terms:
+            for params, scale in term.lr_scales():
+                params = [p for p in params if p.requires_grad and id(p) not in taken]
+                taken.update(id(p) for p in params)
+                if params:
+                    scaled.append({"params": params, "lr_scale": float(scale)})
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        return [{"params": rest, "lr_scale": 1.0}, *scaled]
 
     def _teacher_autocast(self, images: Tensor):
         device = images.device.type

@@ -85,6 +85,12 @@ class DistillTerm(nn.Module):
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(args)}
 
+    def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters of this term that train at another learning rate: ``(params, scale)``
+        pairs, each its own optimizer param group at ``scale`` times the optimizer's lr
+        (schedulers keep the ratio). Parameters not listed train at the optimizer's lr."""
+        return []
+
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""
 

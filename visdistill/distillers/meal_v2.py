@@ -82,6 +82,11 @@ class MEALV2(DistillTerm):
             ``"prob"`` (the FKD variant: softmax vs the soft target).
         final_relu: ReLU after the discriminator's last layer (official).
         disc_weight: weight of the discriminator loss relative to the soft CE (official 1).
+        disc_lr_scale: the discriminator's learning rate as a multiple of the optimizer's
+            (its own param group, kept by schedulers). Official code: intended 1e-4 against
+            the student's 0.01, but overwritten each epoch (its issue #9), so 1 reproduces
+            it; a re-implementer found ``grl`` diverges with cosine schedules unless it is
+            low (spec §1.11).
         disc_min_hidden: smallest hidden width of the discriminator (our guard for small
             ``C``; the official rule gives 0 below 64 classes).
         weight: multiplier of the whole term.
@@ -96,9 +101,13 @@ class MEALV2(DistillTerm):
         final_relu: bool = True,
         disc_weight: float = 1.0,
         disc_min_hidden: int = 4,
+        disc_lr_scale: float = 1.0,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
+        if disc_lr_scale <= 0:
+            raise ConfigError(f"MEALV2 disc_lr_scale must be > 0, got {disc_lr_scale}")
+        self.disc_lr_scale = float(disc_lr_scale)
         if mode not in MODES:
             raise ConfigError(f"MEALV2 mode must be one of {MODES}, got {mode!r}")
         if disc_input not in DISC_INPUTS:
@@ -108,6 +117,11 @@ class MEALV2(DistillTerm):
             raise ConfigError(f"MEALV2 disc_min_hidden must be >= 1, got {disc_min_hidden}")
         self.disc_weight, self.disc_min_hidden = float(disc_weight), int(disc_min_hidden)
         self.discriminator: OutputDiscriminator | None = None
+
+    def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        if self.discriminator is None or self.disc_lr_scale == 1.0:
+            return []
+        return [(list(self.discriminator.parameters()), self.disc_lr_scale)]
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         if self.mode != "none":
