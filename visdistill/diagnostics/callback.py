@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from .accumulator import NoCKABatchesError
@@ -21,8 +21,8 @@ class CKACallback(L.Callback):
     with ``seed`` (not the first batches, which on class-sorted image folders would all be
     one class), the same samples every time. Runs under ``no_grad``, restoring the
     student's mode after. Logs ``cka/s<i>_t<j>`` numbers and, with a TensorBoard logger,
-    the heat map image. Under DDP each rank takes its share of the subset and the HSIC
-    sums are all-reduced.
+    the heat map image. Under DDP each rank takes whole batches of the subset and the HSIC
+    sums are all-reduced: the same value as one process.
 
     Args:
         every_n_epochs: how often to compute.
@@ -62,8 +62,10 @@ class CKACallback(L.Callback):
         ``num_samples`` indices drawn with ``seed`` from the validation set, kept in their
         random order, so every batch mixes classes (sorted indices would give class-sorted
         batches on image folders, and per-batch HSIC_1 would then measure within-class
-        similarity). Under DDP rank ``r`` of ``w`` takes every ``w``-th index. A short tail
-        of 1-3 examples is dropped: HSIC_1 needs 4 per batch.
+        similarity). A short tail of 1-3 examples is dropped: HSIC_1 needs 4 per batch.
+        Under DDP rank ``r`` of ``w`` takes whole batches ``r, r + w, ...`` of that same
+        batching, so the all-reduced HSIC sums are those of one process (batch composition
+        matters to the minibatch estimator).
         """
         dm = getattr(trainer, "datamodule", None)
         source = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
@@ -71,13 +73,13 @@ class CKACallback(L.Callback):
             source = source[0]
         dataset = source.dataset
         g = torch.Generator().manual_seed(self.seed)
-        picked = torch.randperm(len(dataset), generator=g)[: self.num_samples]
-        picked = picked[trainer.global_rank :: trainer.world_size].tolist()
+        picked = torch.randperm(len(dataset), generator=g)[: self.num_samples].tolist()
         if len(picked) % self.batch_size < 4:
             picked = picked[: len(picked) - len(picked) % self.batch_size]
+        batches = [picked[i : i + self.batch_size] for i in range(0, len(picked), self.batch_size)]
         return DataLoader(
-            Subset(dataset, picked),
-            batch_size=self.batch_size,
+            dataset,
+            batch_sampler=batches[trainer.global_rank :: trainer.world_size],
             collate_fn=source.collate_fn,
             num_workers=source.num_workers,
         )
