@@ -134,6 +134,11 @@ def test_unic_across_families_and_its_weights_reach_kd():
     batch = _batch()
     student = module.student(batch["image"], stages=module.student_stages, pooled=True)
     teachers = module.teachers(batch["image"], stages=module.teacher_stages, pooled=True)
+    with pytest.raises(ConfigError, match="run the student with prefix_tokens=True"):
+        term.teacher_weights(student, teachers, batch["target"])  # ViT: reads class tokens
+    student = module.student(
+        batch["image"], stages=module.student_stages, pooled=True, prefix_tokens=True
+    )
     weights = term.teacher_weights(student, teachers, batch["target"])
     assert weights.shape == (6, 2) and torch.allclose(weights.sum(-1), torch.ones(6))
     loss, parts, _ = module.compute_losses(batch)

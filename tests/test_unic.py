@@ -70,6 +70,30 @@ def test_cnn_student_learns_vit_and_convnext_features_of_other_widths_and_grids(
     assert all(p.grad is None for p in module.teachers.parameters())
 
 
+@pytest.mark.parametrize("student_cls", ["auto", "pool"])
+def test_vit_student_feeds_its_class_tokens_to_the_cls_ladder(student_cls):
+    """The paper's ViT students predict the teachers' cls features from their own class
+    token at each block; ``pool`` (and every CNN) uses the average-pooled stage map."""
+    module = DistillationModule(
+        ModelConfig(**VIT), [ModelConfig(**CNN)], [UNIC(drop_prob=0.0, student_cls=student_cls)]
+    )
+    term = module.terms[0]
+    assert module.needs_prefix_tokens == term.needs_prefix_tokens == (student_cls == "auto")
+    seen = []
+    hook = term.cls_ladders[0][-1][0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    images = torch.rand(4, 3, 32, 32)
+    module.compute_losses({"image": images, "target": torch.arange(4)})
+    hook.remove()
+    stage = term.student_stages[-1]
+    out = module.student(images, stages=(stage,), prefix_tokens=True)
+    expected = out.prefix_tokens[stage][:, 0] if student_cls == "auto" else None
+    if expected is None:
+        expected = out.stages[stage].mean(dim=(2, 3))
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+    cnn = DistillationModule(ModelConfig(**CNN), [ModelConfig(**CNN)], [UNIC()])
+    assert not cnn.needs_prefix_tokens
+
+
 def test_teacher_weights_are_the_normalised_keep_mask_and_loss_uses_the_same_draw():
     module = _modules(drop_prob=0.5)
     term = module.terms[0]
@@ -118,6 +142,8 @@ def test_config_errors():
         UNIC(drop_prob=1.0)
     with pytest.raises(ConfigError, match="normalize must be 'global' or 'per_image'"):
         UNIC(normalize="batch")
+    with pytest.raises(ConfigError, match="student_cls must be 'auto' or 'pool'"):
+        UNIC(student_cls="token")
     with pytest.raises(ConfigError, match="has no stage"):
         DistillationModule(ModelConfig(**CNN), [ModelConfig(**CNN)], [UNIC(student_stages=[7])])
 

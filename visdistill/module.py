@@ -141,6 +141,7 @@ class DistillationModule(L.LightningModule):
                 wanted[i].update(stages)
         self.teacher_stages = [tuple(sorted(s)) for s in wanted]
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
+        self.needs_prefix_tokens = any(t.needs_prefix_tokens for t in self.terms)
         if teacher_precision not in ("auto", "bf16", "32"):
             raise ConfigError(
                 f"teacher_precision must be 'auto', 'bf16' or '32', got {teacher_precision!r}"
@@ -190,7 +191,12 @@ class DistillationModule(L.LightningModule):
     ) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
         """Total loss, its named components and the student's output for one batch."""
         images, target = batch["image"], batch["target"]
-        student_out = self.student(images, stages=self.student_stages, pooled=self.needs_pooled)
+        student_out = self.student(
+            images,
+            stages=self.student_stages,
+            pooled=self.needs_pooled,
+            prefix_tokens=self.needs_prefix_tokens,
+        )
         parts = {
             "ce": F.cross_entropy(student_out.logits, target, label_smoothing=self.label_smoothing)
         }

@@ -25,7 +25,9 @@ class DistillTerm(nn.Module):
     A term declares what it reads, so the module computes nothing else:
 
     - ``student_stages`` / ``teacher_stages``: stage indices (into ``feature_info``);
-    - ``needs_pooled``: whether it reads ``(B, D)`` pre-logits features.
+    - ``needs_pooled``: whether it reads ``(B, D)`` pre-logits features;
+    - ``needs_prefix_tokens``: whether it reads the student's class/register tokens at its
+      stages (``ModelOutput.prefix_tokens``; ViT-like students only). Set it in ``setup``.
 
     ``setup(student, teachers)`` runs once when the module is built, before any
     forward pass: build projectors from ``feature_info`` there, so the optimizer sees
@@ -61,6 +63,7 @@ class DistillTerm(nn.Module):
     student_stages: tuple[int, ...] = ()
     teacher_stages: tuple[int, ...] = ()
     needs_pooled: bool = False
+    needs_prefix_tokens: bool = False
     provides_teacher_weights: bool = False
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -74,8 +74,8 @@ class UNIC(DistillTerm):
 
     For each teacher and token type, each selected student stage has its own 2-layer MLP
     and the predictions are summed over stages, so intermediate stages get a direct
-    signal. Works across widths, families and resolutions: a stage map is average-pooled
-    for the "cls" prediction and resampled to the teacher's last-stage grid for "patch"
+    signal. Works across widths, families and resolutions: a ViT student's class token at
+    each stage (else the average-pooled stage map) feeds the "cls" prediction and resampled to the teacher's last-stage grid for "patch"
     (ViT tokens are already grids here).
 
     Per sample and teacher, ``L = 0.5 (l_cls + l_patch)`` with
@@ -91,6 +91,9 @@ class UNIC(DistillTerm):
         drop_prob: teacher-dropping probability (official 0.5; 0 disables).
         normalize: ``"global"`` (official) or ``"per_image"`` normalisation of the kept pairs.
         hidden: projector hidden width (default ``max(stage width, teacher width)``).
+        student_cls: what a student stage offers the "cls" ladder: ``"auto"`` (the stage's
+            class token when the student has one, as the paper's ViT students do; else the
+            average-pooled map) or ``"pool"`` (always the pooled map).
         weight: multiplier of the term.
     """
 
@@ -104,9 +107,13 @@ class UNIC(DistillTerm):
         drop_prob: float = 0.5,
         normalize: str = "global",
         hidden: int | None = None,
+        student_cls: str = "auto",
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
+        if student_cls not in ("auto", "pool"):
+            raise ConfigError(f"UNIC student_cls must be 'auto' or 'pool', got {student_cls!r}")
+        self.student_cls = student_cls
         if not 0 <= drop_prob < 1:
             raise ConfigError(f"UNIC drop_prob must be in [0, 1), got {drop_prob}")
         if normalize not in ("global", "per_image"):
@@ -121,6 +128,8 @@ class UNIC(DistillTerm):
         stages = self.requested_stages or tuple(range(max(n - 3, 0), n))
         student.check_stages(stages)
         self.student_stages = tuple(sorted({s % n for s in stages}))
+        has_cls = getattr(getattr(student, "model", None), "cls_token", None) is not None
+        self.needs_prefix_tokens = self.student_cls == "auto" and has_cls
         self.cls_ladders, self.patch_ladders = nn.ModuleList(), nn.ModuleList()
         self.cls_stats, self.patch_stats = nn.ModuleList(), nn.ModuleList()
         for teacher in teachers:
@@ -135,6 +144,18 @@ class UNIC(DistillTerm):
             self.cls_stats.append(RunningStandardizer(d_cls))
             self.patch_stats.append(RunningStandardizer(d_patch))
 
+    def _student_cls(self, student: ModelOutput, stage: int) -> Tensor:
+        """``(B, C)``: the stage's class token (first prefix token), or its pooled map."""
+        if self.needs_prefix_tokens:
+            if stage not in student.prefix_tokens:
+                raise ConfigError(
+                    f"UNIC reads the ViT student's class token at stage {stage}, but the "
+                    "student output has none: run the student with prefix_tokens=True (the "
+                    "module does), or set student_cls='pool'"
+                )
+            return student.prefix_tokens[stage][:, 0]
+        return student.stages[stage].mean(dim=(2, 3))
+
     def per_teacher_losses(self, student: ModelOutput, teachers: Sequence[ModelOutput]) -> Tensor:
         """``(B, M)``: each sample's loss against each teacher (updates running stats in
         training)."""
@@ -144,7 +165,7 @@ class UNIC(DistillTerm):
             t_map = out.stages[-1]  # (B, C_t, h, w)
             grid = t_map.shape[-2:]
             pred_cls = sum(
-                mlp(student.stages[s].mean(dim=(2, 3)))
+                mlp(self._student_cls(student, s))
                 for mlp, s in zip(self.cls_ladders[m], self.student_stages, strict=True)
             )
             pred_patch = sum(
