@@ -19,3 +19,31 @@ def _seed():
 @pytest.fixture
 def batch():
     return torch.rand(2, 3, 32, 32)
+
+
+def fit_two_steps(module, tmp_path):
+    """Two training steps on digits (``fast_dev_run=2``) -> ``(trainer, norms)``: per step,
+    each term parameter's gradient norm after backward (``None``: no gradient). Checks on
+    every step that the frozen teachers got no gradient and that their weights never move."""
+    import lightning as L
+
+    from visdistill import DigitsDataModule
+
+    teachers_before = {k: v.clone() for k, v in module.teachers.state_dict().items()}
+    norms = []
+
+    class Probe(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            norms.append(
+                {n: (p.grad.norm().item() if p.grad is not None else None)
+                 for n, p in pl_module.terms.named_parameters()}
+            )  # fmt: skip
+            assert all(p.grad is None for p in pl_module.teachers.parameters())
+
+    trainer = L.Trainer(
+        fast_dev_run=2, accelerator="cpu", default_root_dir=tmp_path, callbacks=[Probe()]
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    after = module.teachers.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in teachers_before.items())
+    return trainer, norms

@@ -2,13 +2,12 @@
 fit. (More in test_multi_teacher.py: the plain soft-CE identity, official widths and
 127,047 parameters, the GRL sign flip, teachers get no gradient.)"""
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CNN, VIT
+from conftest import CNN, VIT, fit_two_steps
 
-from visdistill import MEALV2, ConfigError, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill import MEALV2, ConfigError, DistillationModule, ModelConfig
 from visdistill.distillers.meal_v2 import OutputDiscriminator
 from visdistill.models import ModelOutput
 
@@ -151,20 +150,6 @@ def test_discriminator_lr_is_its_own_group_and_schedulers_keep_the_ratio():
     assert len(plain.configure_optimizers().param_groups) == 1
 
 
-class _GradProbe(L.Callback):
-    """Records, after each backward, the gradient norm of every term parameter."""
-
-    def __init__(self):
-        self.norms = []
-
-    def on_after_backward(self, trainer, module):
-        self.norms.append(
-            {n: (p.grad.norm().item() if p.grad is not None else None)
-             for n, p in module.terms.named_parameters()}
-        )  # fmt: skip
-        assert all(p.grad is None for p in module.teachers.parameters())
-
-
 @pytest.mark.parametrize("mode", ["joint", "grl"])
 def test_meal_v2_fits_with_a_lightning_trainer(tmp_path, mode):
     module = DistillationModule(
@@ -173,18 +158,12 @@ def test_meal_v2_fits_with_a_lightning_trainer(tmp_path, mode):
         [MEALV2(mode=mode)],
         ce_weight=0.0,  # MEAL V2's label-free recipe
     )
-    before = {k: v.clone() for k, v in module.teachers.state_dict().items()}
-    probe = _GradProbe()
-    trainer = L.Trainer(
-        fast_dev_run=2, accelerator="cpu", default_root_dir=tmp_path, callbacks=[probe]
-    )
-    trainer.fit(module, DigitsDataModule(batch_size=16))
+    trainer, steps = fit_two_steps(module, tmp_path)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0.0 <= float(trainer.callback_metrics["train/meal_v2/disc_acc"]) <= 1.0
-    assert len(probe.norms) == 2
-    for norms in probe.norms:
+    assert len(steps) == 2
+    for norms in steps:
         assert all(v is not None for v in norms.values()) and sum(norms.values()) > 0
-    assert all(torch.equal(v, before[k]) for k, v in module.teachers.state_dict().items())
 
 
 def test_official_recipe_pieces_are_reachable_from_the_config():

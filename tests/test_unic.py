@@ -6,15 +6,14 @@ import os
 import socket
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import CNN, VIT
+from conftest import CNN, VIT, fit_two_steps
 
-from visdistill import KD, UNIC, ConfigError, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill import KD, UNIC, ConfigError, DistillationModule, ModelConfig
 from visdistill.distillers.unic import _resample, ema_weight
 from visdistill.losses import feature_match_loss, teacher_drop_coefficients
 from visdistill.models import ModelOutput
@@ -226,17 +225,8 @@ def test_unic_with_kd_fits_with_a_lightning_trainer(tmp_path):
     module = _modules(extra=(KD(),))
     term = module.terms[0]
     stats_before = term.cls_stats[1].mean.clone()
-    grads = []
-
-    class Probe(L.Callback):
-        def on_after_backward(self, trainer, pl_module):
-            grads.append(all(p.grad is not None for p in term.parameters()))
-
-    trainer = L.Trainer(
-        fast_dev_run=2, accelerator="cpu", default_root_dir=tmp_path, callbacks=[Probe()]
-    )
-    trainer.fit(module, DigitsDataModule(batch_size=16))
-    assert grads == [True, True]
+    trainer, steps = fit_two_steps(module, tmp_path)
+    assert len(steps) == 2 and all(None not in norms.values() for norms in steps)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert {"train/unic", "train/kd"} <= set(trainer.callback_metrics)
     assert not torch.equal(term.cls_stats[1].mean, stats_before)
