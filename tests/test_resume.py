@@ -20,7 +20,7 @@ from visdistill import (
     ModelConfig,
     export_student,
 )
-from visdistill.cli import main
+from visdistill.cli import lightning_main, main
 from visdistill.data.replay import EpochSampler, epoch_sampler
 from visdistill.data.resumable import ResumableDataLoader
 from visdistill.distillers import MEALV2, UNIC, MSTRouting
@@ -291,19 +291,26 @@ def test_cli_bad_resume_checkpoints_are_one_clear_line(killed_cli_run, tmp_path,
     torch.save({"state_dict": _Evil()}, evil)
     err = _run(["fit", "--config", cfg, "--ckpt_path", str(evil)], capsys)
     assert "pickled objects" in err and "pwned" not in capsys.readouterr().out
-    # Other terms than the checkpoint's: named, not a torch key dump. (The CLI itself takes
-    # student, teachers and terms from the checkpoint's hyper-parameters: LightningCLI's rule.)
-    module = DistillationModule(
-        student=ModelConfig(**TINY["student"]),
-        teachers=[ModelConfig(**TINY["teachers"][0])],
-        terms=[KD(), MEALV2()],
-    )
-    trainer = L.Trainer(max_epochs=2, logger=False, default_root_dir=tmp_path)
-    with pytest.raises(CheckpointError) as e:
-        trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=ckpt, weights_only=True)
-    err = str(e.value)
+    # Other terms than the checkpoint's: named, not a torch key dump. (The config is what
+    # runs: LightningCLI's overwrite of the model config from a checkpoint file is off.)
+    args = ["fit", "--config", cfg, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2"]
+    terms = '[{"class_path": "visdistill.KD"}, {"class_path": "visdistill.MEALV2"}]'
+    err = _run([*args, "--model.terms", terms], capsys)
     assert "was written by another configuration (terms: checkpoint ['KD'], config" in err
     assert "unexpected keys" not in err and "missing keys: terms.1.discriminator" in err
+    other_student = '{"name": "test_convnext", "num_classes": 10}'
+    err = _run([*args, "--model.student", other_student], capsys)
+    assert "student: checkpoint test_resnet, config test_convnext" in err
+
+
+def test_cli_resume_with_other_term_settings_warns_and_runs_the_config(killed_cli_run, tmp_path):
+    _, cfg, ckpt = killed_cli_run
+    args = ["fit", "--config", cfg, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    terms = '[{"class_path": "visdistill.KD", "init_args": {"temperature": 3.0}}]'
+    with pytest.warns(UserWarning, match=r"other term settings.*KD\.temperature: 2\.0 -> 3\.0"):
+        cli = lightning_main([*args, "--model.terms", terms])
+    assert cli.model.terms[0].temperature == 3.0
 
 
 def test_resuming_another_students_checkpoint_names_both(killed_cli_run, tmp_path):

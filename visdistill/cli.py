@@ -57,6 +57,13 @@ class VisdistillCLI(LightningCLI):
             "--ckpt_path last; by default it is written at every epoch end)",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the model's config with the hyper-parameters of a
+        # --ckpt_path FILE (not of `--ckpt_path last`), silently. Here the config is what
+        # runs, always: a checkpoint of another student, teachers or terms is refused by
+        # DistillationModule's checkpoint check, and changed term settings are warned about.
+        return
+
     def before_instantiate_classes(self) -> None:
         # Our checkpoints hold only tensors and plain types: never unpickle code on resume.
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,31 @@ def on_load(module: Any, checkpoint: dict[str, Any], source: str | None = None) 
         for key, value in module.teachers.state_dict().items():
             state.setdefault(TEACHER_PREFIX + key, value)
     _check_fits(module, checkpoint, extra, source)
+    _warn_changed_term_settings(module, checkpoint, source)
+
+
+def _warn_changed_term_settings(module: Any, checkpoint: dict[str, Any], source: str) -> None:
+    """Same terms (``_check_fits`` passed), other settings: allowed (a new temperature for
+    the rest of a fit can be deliberate), but said, never silent."""
+    saved = checkpoint.get("hyper_parameters", {}).get("terms")
+    now = module.hparams.get("terms")
+    if not saved or not now or len(saved) != len(now):
+        return
+    changes = []
+    for i, (old, new) in enumerate(zip(saved, now, strict=True)):
+        a, b = old.get("init_args", {}), new.get("init_args", {})
+        name = new.get("class_path", "?").rpartition(".")[2]
+        changes += [
+            f"terms[{i}] {name}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)
+        ]
+    if changes:
+        warnings.warn(
+            f"{source} was trained with other term settings; going on with the config's: "
+            + "; ".join(changes),
+            stacklevel=2,
+        )
 
 
 def restore_rng(checkpoint: dict[str, Any]) -> None:
