@@ -110,7 +110,7 @@ class VisdistillCLI(LightningCLI):
                     "training starts from scratch"
                 )
         elif path is not None and path not in ("best", "last", "hpc") and "://" not in path:
-            check_checkpoint_file(path)  # a ckpt_path from a config file
+            check_checkpoint_file(path)  # from the command line or a config file
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
@@ -222,23 +222,6 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"{value}:{where}: invalid YAML: {problem}") from None
 
 
-def check_ckpt_path_args(args: list[str]) -> None:
-    """Check a ``--ckpt_path FILE`` first: LightningCLI reads it with ``torch.load`` before
-    anything else (to take the model's hyper-parameters from it), so a truncated or
-    code-carrying file would otherwise be a torch traceback."""
-    from .resume import check_checkpoint_file
-
-    for i, arg in enumerate(args):
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith("--ckpt_path="):
-            value = arg.split("=", 1)[1]
-        else:
-            continue
-        if value not in ("best", "last", "hpc", "null", "None") and "://" not in value:
-            check_checkpoint_file(value)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -248,7 +231,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command in LIGHTNING_COMMANDS:
             check_config_files(rest)
-            check_ckpt_path_args(rest)
             lightning_main(None if argv is None else args)
         elif command == "export":
             export_main(rest)
