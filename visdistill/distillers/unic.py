@@ -74,9 +74,10 @@ class UNIC(DistillTerm):
 
     For each teacher and token type, each selected student stage has its own 2-layer MLP
     and the predictions are summed over stages, so intermediate stages get a direct
-    signal. Works across widths, families and resolutions: a ViT student's class token at
-    each stage (else the average-pooled stage map) feeds the "cls" prediction and resampled to the teacher's last-stage grid for "patch"
-    (ViT tokens are already grids here).
+    signal. Works across widths, families and resolutions: the "cls" prediction reads a
+    ViT student's class token at each stage (other students: the average-pooled stage
+    map), and the "patch" prediction the stage map resampled to the teacher's last-stage
+    grid (ViT tokens are already grids here).
 
     Per sample and teacher, ``L = 0.5 (l_cls + l_patch)`` with
     ``l = 0.5 (1 - cos) + 0.5 SmoothL1`` against the teacher's features standardised by
