@@ -74,6 +74,16 @@ class _Timer(L.Callback):
         self.clock.step_end(batch_idx, len(batch["target"]))
 
 
+# The student's input statistics (ImageNet's, timm's default), shared by the hand-written
+# loops; the zoo teachers in these runs use the same ones.
+_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)
+_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, -1, 1, 1)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - _MEAN) / _STD
+
+
 def _data(args) -> FashionMNISTDataModule:
     dm = FashionMNISTDataModule(
         batch_size=args.batch_size, train_subset=args.batch_size * (args.warmup + args.steps),
@@ -113,8 +123,6 @@ def hand_written_run(args, teachers) -> dict[str, float]:
         (m, torch.tensor(mu).view(1, -1, 1, 1), torch.tensor(sd).view(1, -1, 1, 1))
         for m, mu, sd in stats
     ]
-    s_mean = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)
-    s_std = torch.tensor((0.229, 0.224, 0.225)).view(1, -1, 1, 1)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     t, clock = 4.0, _Clock(args.warmup)
     for i, batch in enumerate(_data(args).train_dataloader()):
@@ -124,7 +132,7 @@ def hand_written_run(args, teachers) -> dict[str, float]:
             probs = torch.stack([(m((x - mu) / sd) / t).softmax(-1) for m, mu, sd in norm], 0).mean(
                 0
             )
-        logits = student((x - s_mean) / s_std)
+        logits = student(_normalize(x))
         kd = F.kl_div(F.log_softmax(logits / t, -1), probs, reduction="batchmean") * t * t
         loss = F.cross_entropy(logits, y) + kd
         opt.zero_grad(set_to_none=True)
@@ -148,12 +156,10 @@ def timm_task_run(args, teacher: str) -> dict[str, float]:
     task.train()
     task.teacher.eval()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, -1, 1, 1)
     clock = _Clock(args.warmup)
     for i, batch in enumerate(_data(args).train_dataloader()):
         clock.step_start(i)
-        out = task((batch["image"] - mean) / std, batch["target"])
+        out = task(_normalize(batch["image"]), batch["target"])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -196,12 +202,10 @@ def torchdistill_run(args, teacher: str) -> dict[str, float]:
     )
     box.pre_epoch_process(epoch=0)
     box.teacher_model.eval()
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, -1, 1, 1)
     clock = _Clock(args.warmup)
     for i, batch in enumerate(_data(args).train_dataloader()):
         clock.step_start(i)
-        x, y = (batch["image"] - mean) / std, batch["target"]
+        x, y = _normalize(batch["image"]), batch["target"]
         box.pre_forward_process()
         loss = box.forward_process(x, y, {})
         box.post_forward_process(loss)
