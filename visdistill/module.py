@@ -26,6 +26,8 @@ warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 _NONFINITE_MODES = ("skip", "raise", "ignore")
+# The skipped-fraction limit applies once this many training steps were tried in the run.
+_FRACTION_MIN_STEPS = 20
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -55,7 +57,14 @@ class DistillationModule(L.LightningModule):
         nonfinite: what a NaN/inf training loss does: ``"skip"`` the step (no update; a
             warning naming the loss components at fault, counted in
             ``train/nonfinite_steps``), ``"raise"`` a :class:`NonFiniteLossError` naming them,
-            or ``"ignore"`` (no check, no host sync).
+            or ``"ignore"`` (no check, no host sync). A skipped step leaves the student's and
+            the terms' buffers (BatchNorm and UNIC running statistics ...), the torch RNG, the
+            optimizer and step-interval schedulers as they were before it.
+        nonfinite_max_consecutive: with ``nonfinite="skip"``, stop with a
+            :class:`NonFiniteLossError` after this many skipped steps in a row (``None``: never).
+        nonfinite_max_fraction: with ``nonfinite="skip"``, stop once more than this fraction of
+            the run's training steps were skipped, checked from its 20th step on (``None``:
+            never).
         teacher_cache: directory built by ``visdistill cache`` (:mod:`visdistill.teacher_cache`):
             training steps read the teachers' soft targets (and pooled features) from it
             instead of running the teachers; checked against the teachers, data and
@@ -82,6 +91,8 @@ class DistillationModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         eval_teachers: bool = True,
         nonfinite: str = "skip",
+        nonfinite_max_consecutive: int | None = 10,
+        nonfinite_max_fraction: float | None = 0.5,
         teacher_cache: str | None = None,
         teacher_precision: str = "auto",
         channels_last: bool = True,
@@ -119,7 +130,22 @@ class DistillationModule(L.LightningModule):
             )
         if nonfinite not in _NONFINITE_MODES:
             raise ConfigError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+        if nonfinite_max_consecutive is not None and nonfinite_max_consecutive < 1:
+            raise ConfigError(
+                "nonfinite_max_consecutive must be >= 1 (or null for no limit), got "
+                f"{nonfinite_max_consecutive}"
+            )
+        if nonfinite_max_fraction is not None and not 0 < nonfinite_max_fraction <= 1:
+            raise ConfigError(
+                "nonfinite_max_fraction must be in (0, 1] (or null for no limit), got "
+                f"{nonfinite_max_fraction}"
+            )
         self.nonfinite = nonfinite
+        self.nonfinite_max_consecutive = nonfinite_max_consecutive
+        self.nonfinite_max_fraction = nonfinite_max_fraction
+        # This process's run: steps tried and skipped, and the current streak of skips.
+        self._steps_tried = self._steps_skipped = self._skip_streak = 0
+        self._step_skipped = False
         # A buffer, so the count survives checkpoints and resumes.
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         if scheduler_interval not in ("epoch", "step"):
@@ -223,9 +249,17 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         self._update_term_progress(batch_idx)
+        self._step_skipped = False
+        guarded = self.nonfinite != "ignore"
+        saved = self._snapshot_step_state() if guarded else None
         total, parts, out = self.compute_losses(batch)
-        if self.nonfinite != "ignore" and self._loss_is_nonfinite(total):
-            return self._handle_nonfinite(parts, batch_idx)
+        if guarded:
+            self._steps_tried += 1
+            if self._loss_is_nonfinite(total):
+                # The forward pass already moved BatchNorm/term statistics and the RNG.
+                self._restore_step_state(saved)
+                return self._handle_nonfinite(parts, batch_idx)
+            self._skip_streak = 0
         # update(), not __call__: the epoch value is all we log, no per-batch compute.
         self.train_acc.update(out.logits.detach(), batch["target"])
         n = len(batch["target"])
@@ -301,7 +335,11 @@ class DistillationModule(L.LightningModule):
         if self.nonfinite == "raise":
             raise NonFiniteLossError(f"non-finite loss in {named} at {where}. {hint}.")
         self.nonfinite_steps += 1
+        self._steps_skipped += 1
+        self._skip_streak += 1
+        self._step_skipped = True
         count = int(self.nonfinite_steps)
+        self._check_skip_limits(named, where, hint)
         if count == 1 or count % 100 == 0:
             warnings.warn(
                 f"skipped training step {count} with a non-finite loss in {named} at {where} "
@@ -311,6 +349,69 @@ class DistillationModule(L.LightningModule):
             )
         self.log("train/nonfinite_steps", float(count), batch_size=1)
         return None
+
+    def _check_skip_limits(self, named: str, where: str, hint: str) -> None:
+        """Stop with a :class:`NonFiniteLossError` when too many steps were skipped in a row
+        or in all (``nonfinite_max_consecutive`` / ``nonfinite_max_fraction``)."""
+        streak, tried, skipped = self._skip_streak, self._steps_tried, self._steps_skipped
+        limit = self.nonfinite_max_consecutive
+        if limit is not None and streak >= limit:
+            raise NonFiniteLossError(
+                f"stopping: {streak} training steps in a row had a non-finite loss (the last in "
+                f"{named} at {where}; nonfinite_max_consecutive: {limit}). {hint}."
+            )
+        frac = self.nonfinite_max_fraction
+        if frac is not None and tried >= _FRACTION_MIN_STEPS and skipped > frac * tried:
+            raise NonFiniteLossError(
+                f"stopping: {skipped} of {tried} training steps had a non-finite loss, more than "
+                f"nonfinite_max_fraction: {frac} (the last in {named} at {where}). {hint}."
+            )
+
+    def _snapshot_step_state(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
+        """Copies of the student's and the terms' buffers and the torch RNG states, taken
+        before a training step's forward pass (a few BatchNorm vectors: cheap)."""
+        seen: set[int] = set()
+        buffers = []
+        for module in (self.student, self.terms):
+            for buf in module.buffers():
+                if id(buf) not in seen:
+                    seen.add(id(buf))
+                    buffers.append((buf, buf.detach().clone()))
+        cuda = self.device.type == "cuda"
+        cuda_rng = torch.cuda.get_rng_state(self.device) if cuda else None
+        return buffers, torch.get_rng_state(), cuda_rng
+
+    @torch.no_grad()
+    def _restore_step_state(
+        self, saved: tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]
+    ) -> None:
+        """Undo a skipped step's forward pass: buffers and RNG back to the snapshot."""
+        buffers, cpu_rng, cuda_rng = saved
+        for buf, copy in buffers:
+            buf.copy_(copy)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning steps ``interval: step`` schedulers after every batch, also after one
+        whose training step returned ``None``: a skipped (non-finite) step does not count."""
+        if self._step_skipped and self._trainer is not None:
+            configs = [c for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler]
+            if configs and configs[0].interval == "step":
+                return
+        super().lr_scheduler_step(scheduler, metric)
+
+    def on_train_end(self) -> None:
+        if self._steps_skipped:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"{self._steps_skipped} of {self._steps_tried} training steps of this run were "
+                f"skipped for a non-finite loss ({int(self.nonfinite_steps)} in all, counting "
+                "resumed runs; train/nonfinite_steps). Check the data and the learning rate.",
+                category=RuntimeWarning,
+            )
 
     def _update_term_progress(self, batch_idx: int) -> None:
         if not self.terms or self._trainer is None:
