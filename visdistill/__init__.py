@@ -25,7 +25,7 @@ from .losses import dkd_loss, kd_loss, nd_loss, ofa_loss, soft_cross_entropy
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput, create_backbone
 from .module import DistillationModule
 from .search import diswot_score
-from .teachers import Teacher, TeacherEnsemble, ensemble_probs
+from .teachers import Teacher, TeacherEnsemble, ensemble_log_probs, ensemble_probs
 
 __version__ = "0.1.0"
 
@@ -63,6 +63,7 @@ __all__ = [
     "VisionDataModule",
     "cka_matrix",
     "create_backbone",
+    "ensemble_log_probs",
     "ensemble_probs",
     "diswot_score",
     "export_student",

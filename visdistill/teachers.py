@@ -9,6 +9,7 @@ cannot be saved for the backward pass of the student's losses.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -110,6 +111,26 @@ def ensemble_probs(
     if weights is None:
         return probs.mean(dim=1)
     return (weights.unsqueeze(-1) * probs).sum(dim=1)
+
+
+def ensemble_log_probs(
+    outputs: Sequence[ModelOutput], temperature: float = 1.0, weights: Tensor | None = None
+) -> Tensor:
+    """``log`` of :func:`ensemble_probs`, ``(B, K)``, computed in log space (a ``logsumexp``
+    over the teachers' ``log_softmax(z / T)``): a confident teacher's non-target
+    log-probabilities stay exact where its probabilities would underflow to 0.
+
+    Args:
+        weights: optional per-sample teacher weights ``(B, M)`` that sum to 1 over ``M``.
+    """
+    log_probs = torch.stack(
+        [torch.log_softmax(o.logits.float() / temperature, -1) for o in outputs], dim=1
+    )
+    if weights is None:
+        if len(outputs) == 1:
+            return log_probs[:, 0]
+        return torch.logsumexp(log_probs, dim=1) - math.log(len(outputs))
+    return torch.logsumexp(log_probs + weights.float().log().unsqueeze(-1), dim=1)
 
 
 def per_teacher_stages(stages, n: int) -> list[tuple[int, ...]]:

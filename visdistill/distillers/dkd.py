@@ -9,7 +9,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..losses.dkd import dkd_loss
 from ..models import ModelOutput
-from ..teachers import ensemble_probs
+from ..teachers import ensemble_log_probs
 from .base import DistillTerm
 
 
@@ -49,6 +49,15 @@ class DKD(DistillTerm):
         target: Tensor,
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        probs = ensemble_probs(teachers, self.temperature, teacher_weights)
-        loss = dkd_loss(student.logits, probs, target, self.alpha, self.beta, self.temperature)
+        # Log space end to end: exact for teachers far more confident than float32 holds.
+        log_probs = ensemble_log_probs(teachers, self.temperature, teacher_weights)
+        loss = dkd_loss(
+            student.logits,
+            log_probs,
+            target,
+            self.alpha,
+            self.beta,
+            self.temperature,
+            log_target=True,
+        )
         return {"dkd": self.warmup_factor(self.warmup_epochs) * loss}
