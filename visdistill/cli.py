@@ -11,13 +11,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import PredictionWriter
 from .data.base import VisionDataModule
 from .errors import VisdistillError
 from .module import DistillationModule
+from .progress import make_progress_bar
+from .quiet import quiet_dependencies
+from .summary import DistillationModelSummary, RunSummary
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 HELP = """usage: visdistill <command> [options]
@@ -56,6 +62,65 @@ class VisdistillCLI(LightningCLI):
             help="also write last.ckpt every N training steps (mid-epoch resume with "
             "--ckpt_path last; by default it is written at every epoch end)",
         )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="validate/test/predict without --ckpt_path: evaluate the student as built "
+            "(random weights unless it has a checkpoint:, pretrained: true or a zoo: name)",
+        )
+
+        parser.add_argument(
+            "--progress",
+            type=Literal["auto", "bar", "lines"],
+            default="auto",
+            help="progress display: 'lines' (plain lines, for job logs), 'bar' (the live rich "
+            "bar) or 'auto' (lines when stdout is not a terminal)",
+        )
+        parser.add_argument(
+            "--progress_every_n_steps",
+            type=int | None,
+            default=None,
+            help="with plain-line progress: also a line every N training batches",
+        )
+        parser.add_argument(
+            "--progress_every_minutes",
+            type=float | None,
+            default=2.0,
+            help="with plain-line progress: also a line when this many minutes passed since "
+            "the last (0 or null: off)",
+        )
+        try:
+            parser.get_default("verbose")
+        except KeyError:  # fit and predict have no `verbose`
+            pass
+        else:
+            # RunSummary prints the results with teacher names and percentages.
+            parser.set_defaults(verbose=False)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with visdistill's progress display, model summary and run summary
+        (unless the config turns the first two off or brings its own)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config.get("trainer") or {}
+        callbacks = list(kwargs.pop("callbacks", None) or trainer_cfg.get("callbacks") or [])
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(
+                make_progress_bar(
+                    config.get("progress", "auto"),
+                    config.get("progress_every_n_steps"),
+                    config.get("progress_every_minutes", 2.0),
+                )
+            )
+        if trainer_cfg.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            callbacks.append(DistillationModelSummary())
+        if not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks.append(RunSummary(report_after_test=bool(config.get("test_after_fit"))))
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the model's config with the hyper-parameters of a
@@ -85,13 +150,36 @@ class VisdistillCLI(LightningCLI):
             )
 
     def before_validate(self) -> None:
+        self._require_trained_student()
         self._resolve_ckpt_path()
 
     def before_test(self) -> None:
+        self._require_trained_student()
         self._resolve_ckpt_path()
 
     def before_predict(self) -> None:
+        self._require_trained_student()
         self._resolve_ckpt_path()
+
+    def _require_trained_student(self) -> None:
+        """Evaluating without a checkpoint is evaluating a randomly initialised student,
+        which prints plausible-looking metrics: refused unless the student has weights of its
+        own or ``--allow_untrained true``."""
+        from .errors import ConfigError
+
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") is not None or config.get("allow_untrained"):
+            return
+        student = dict(self.model.hparams.get("student") or {})
+        name = str(student.get("name", ""))
+        if student.get("checkpoint") or student.get("pretrained") or name.startswith("zoo:"):
+            return
+        raise ConfigError(
+            f"`visdistill {self.subcommand}` without --ckpt_path would evaluate the untrained "
+            f"student {name} (random weights). Give the trained checkpoint: --ckpt_path "
+            "runs/<name>/checkpoints/best.ckpt (or last.ckpt), or pass --allow_untrained true "
+            "to evaluate the untrained student on purpose"
+        )
 
     def _resolve_ckpt_path(self) -> None:
         """``last`` -> the run's newest last.ckpt (any logger version); a file -> checked
@@ -118,7 +206,11 @@ class VisdistillCLI(LightningCLI):
             # best checkpoint and the final weights are tested.
             best = self.trainer.checkpoint_callback.best_model_path or None
             self.trainer.test(
-                self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True
+                self.model,
+                datamodule=self.datamodule,
+                ckpt_path=best,
+                weights_only=True,
+                verbose=False,  # RunSummary prints the results
             )
 
 
@@ -141,7 +233,7 @@ def lightning_main(args: list[str] | None) -> VisdistillCLI:
 
 
 def cache_main(args: list[str]) -> None:
-    from .teacher_cache import build_teacher_cache
+    from .teacher_cache import build_teacher_cache, check_cache_destination
 
     parser = argparse.ArgumentParser(
         prog="visdistill cache",
@@ -149,12 +241,20 @@ def cache_main(args: list[str]) -> None:
         "augmentations; then train with --model.teacher_cache DIR. Other options are the fit "
         "config's (--config C.yaml, --data.init_args.train_subset ...).",
     )
-    parser.add_argument("--out", required=True, help="cache directory")
+    parser.add_argument(
+        "--out", required=True, help="cache directory: new, empty, or a cache with --overwrite"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the teacher cache already in --out (only the cache's own files)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: trainer.max_epochs")
     parser.add_argument("--top-k", type=int, default=10, help="classes kept per sample")
     parser.add_argument("--pooled", action="store_true", help="also store pooled features")
     parser.add_argument("--batch-size", type=int, default=256)
     ns, rest = parser.parse_known_args(args)
+    check_cache_destination(Path(ns.out), ns.overwrite)  # before building anything
     check_config_files(rest)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
     try:
@@ -171,7 +271,14 @@ def cache_main(args: list[str]) -> None:
     cli.datamodule.setup("fit")
     epochs = ns.epochs or cli.trainer.max_epochs or 1
     out = build_teacher_cache(
-        cli.model, cli.datamodule, ns.out, epochs, ns.top_k, ns.pooled, ns.batch_size
+        cli.model,
+        cli.datamodule,
+        ns.out,
+        epochs,
+        ns.top_k,
+        ns.pooled,
+        ns.batch_size,
+        overwrite=ns.overwrite,
     )
     print(f"teacher cache written to {out}; train with --model.teacher_cache {out}")
 
@@ -189,8 +296,15 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--input-size", type=int, default=None, help="input side to record")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out (replaces its model.safetensors and config.json)",
+    )
     ns = parser.parse_args(args)
-    out = export_student(ns.checkpoint, ns.out, dtype=ns.dtype, input_size=ns.input_size)
+    out = export_student(
+        ns.checkpoint, ns.out, dtype=ns.dtype, input_size=ns.input_size, overwrite=ns.overwrite
+    )
     print(f"exported student to {out}/model.safetensors and {out}/config.json")
 
 
@@ -228,10 +342,15 @@ def main(argv: list[str] | None = None) -> None:
         print(HELP)
         return
     command, rest = args[0], args[1:]
+    with quiet_dependencies():
+        _run_command(command, rest, None if argv is None else args)
+
+
+def _run_command(command: str, rest: list[str], args: list[str] | None) -> None:
     try:
         if command in LIGHTNING_COMMANDS:
             check_config_files(rest)
-            lightning_main(None if argv is None else args)
+            lightning_main(args)
         elif command == "export":
             export_main(rest)
         elif command == "cache":

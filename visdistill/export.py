@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoints import atomic_write, save_safetensors_atomic
-from .errors import CheckpointError
+from .errors import CheckpointError, format_keys
 from .models import Backbone, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,6 +46,7 @@ def export_student(
     out_dir: str | os.PathLike,
     dtype: str = "float32",
     input_size: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the student of a fit checkpoint as ``out_dir/model.safetensors`` + ``config.json``.
 
@@ -55,12 +56,16 @@ def export_student(
         dtype: ``float32``, ``float16`` (half the size) or ``bfloat16``.
         input_size: recorded input side when the student has no fixed size; default
             the data module's ``image_size`` stored in the checkpoint.
+        overwrite: write into a non-empty ``out_dir`` (replacing its ``model.safetensors``
+            and ``config.json``, nothing else); refused by default.
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    check_export_destination(out, overwrite)
     ckpt = read_lightning_checkpoint(checkpoint)
     config = ModelConfig(**ckpt["hyper_parameters"]["student"])
     prefix = "student.model."
@@ -76,6 +81,7 @@ def export_student(
     missing = set(student.model.state_dict()) - set(state)
     if missing:
         raise CheckpointError(f"{checkpoint} lacks student weights: {sorted(missing)[:5]}")
+    _check_finite_weights(checkpoint, ckpt, state, dtype)
     spec = student.input_spec
     size = spec.size
     if size is None:
@@ -106,9 +112,43 @@ def export_student(
         "model_args": model_args,
         "pretrained_cfg": pretrained_cfg,
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(state, out / "model.safetensors", metadata={"format": "pt"})
     text = json.dumps(timm_config, indent=2)
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     return out
+
+
+def check_export_destination(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder without ``overwrite`` (an earlier export, the
+    zoo's shipped weights, ...)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        raise CheckpointError(
+            f"--out {out} is not empty ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+            "pass --overwrite to replace its model.safetensors and config.json (nothing else "
+            "is touched), or choose a new folder"
+        )
+
+
+def _check_finite_weights(
+    source: str | os.PathLike, ckpt: dict[str, Any], state: dict[str, torch.Tensor], dtype: str
+) -> None:
+    """Refuse NaN/inf student weights, naming the tensors: in the checkpoint, or created by
+    the cast to ``dtype`` (a float16 overflow)."""
+    prefix = "student.model."
+    original = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    bad = [k for k, v in original.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"{source} has non-finite (NaN/inf) student weights in {format_keys(bad, 5)}; "
+            "export an earlier checkpoint of the run (the training diverged)"
+        )
+    cast = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if cast:
+        raise CheckpointError(
+            f"{source}: {format_keys(cast, 5)} exceed the range of {dtype}; export with "
+            "--dtype float32 or bfloat16"
+        )

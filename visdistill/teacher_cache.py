@@ -12,13 +12,19 @@ records the teachers' fingerprint (names, input specs, weights), the data module
 hyper-parameters, the augmentation, ``k`` and the number of epochs; a run whose teachers,
 data or augmentation differ is refused, naming the differing fields. Without augmentation
 (``augment: false``) one epoch is stored and reused for every epoch.
+
+The cache is built in a temporary folder beside ``DIR`` and moved into place at the end. An
+existing ``DIR`` is used only when it is empty, or when it holds a cache and ``overwrite`` is
+given; then only the cache's own files are replaced, nothing else in the folder is touched.
+Opening a cache checks every array's size, shape and values (truncated files, NaN/inf).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,10 @@ from .models import ModelOutput
 from .teachers import teacher_fingerprint
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Every file a cache folder holds; nothing else in a folder is ever deleted or replaced.
+_CACHE_FILE = re.compile(r"(manifest\.json|logp\.npy|classes\.npy|rest\.npy|source_index\.npy"
+                         r"|pooled\d+\.npy)")  # fmt: skip
 
 
 def cache_identity(module: Any, datamodule: Any) -> dict[str, Any]:
@@ -66,19 +76,24 @@ def build_teacher_cache(
     pooled: bool = False,
     batch_size: int = 256,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Run the module's teachers over ``epochs`` epochs of replayed augmentations.
 
     Args:
         module: a :class:`DistillationModule` with teachers.
         datamodule: an in-memory data module (replayable augmentation), set up for fit.
-        out: cache directory (replaced atomically: built in a sibling temp dir, renamed).
+        out: cache directory: must not exist, be empty, or (with ``overwrite``) hold a
+            cache. Built in a temporary folder beside it, then moved into place.
         epochs: epochs of augmentations to store (>= the runs' ``max_epochs``); ignored
             (1 is stored) when the data module does not augment.
         top_k: classes kept per sample and teacher (the rest share the remaining mass);
             ``k >= num_classes`` stores the exact distribution.
         pooled: also store the teachers' pooled features (fp16), for terms like ND.
+        overwrite: replace the cache already in ``out`` (only its own files).
     """
+    out = Path(out)
+    check_cache_destination(out, overwrite)
     if module.teachers is None:
         raise ConfigError("the teacher cache needs teachers; the model has none")
     if datamodule.train_set is None:
@@ -94,14 +109,92 @@ def build_teacher_cache(
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     dataset = datamodule.train_set
-    n, m, k_cls = len(dataset), len(module.teachers), module.teachers.num_classes
+    k_cls = module.teachers.num_classes
     k = min(int(top_k), k_cls)
     if k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        _build_into(module, dataset, identity, tmp, epochs, k, k_cls, pooled, batch_size, progress)
+        _move_into_place(tmp, out, overwrite)
+    finally:
+        _remove_cache_files(tmp)  # what is left of the temporary folder (only our files)
+        if tmp.is_dir() and not any(tmp.iterdir()):
+            tmp.rmdir()
+    return out
+
+
+def check_cache_destination(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, a non-empty folder that is not a teacher cache, or
+    a cache without ``overwrite``: a cache build never deletes what it did not write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not _is_cache_folder(out):
+        raise ConfigError(
+            f"--out {out} is a non-empty folder that is not a visdistill teacher cache (no "
+            f"{MANIFEST}); nothing was written. Choose a new or empty folder for the cache"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a teacher cache; pass --overwrite to replace it (only "
+            "the cache's own files are replaced), or choose another --out"
+        )
+
+
+def _is_cache_folder(folder: Path) -> bool:
+    """A folder with a manifest, or (a replacement interrupted by a crash) cache files only."""
+    names = [p.name for p in folder.iterdir()]
+    return MANIFEST in names or all(_CACHE_FILE.fullmatch(n) for n in names)
+
+
+def _remove_cache_files(folder: Path) -> None:
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_file() and _CACHE_FILE.fullmatch(path.name):
+                path.unlink()
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the built cache onto ``out``; into an existing cache folder file by file, the
+    old manifest removed first and the new one moved last, so no reader ever sees a manifest
+    with another cache's arrays."""
+    check_cache_destination(out, overwrite)  # again: the folder may have changed meanwhile
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    (out / MANIFEST).unlink(missing_ok=True)
+    _remove_cache_files(out)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(path, out / path.name)
+    _fsync_dir(out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_into(
+    module: Any,
+    dataset: Any,
+    identity: dict[str, Any],
+    tmp: Path,
+    epochs: int,
+    k: int,
+    k_cls: int,
+    pooled: bool,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Write the arrays and the manifest into ``tmp``."""
+    n, m = len(dataset), len(module.teachers)
+    deterministic = identity["augmentation"] is None
     arrays = {
         "logp": _memmap(tmp / "logp.npy", (epochs, n, m, k), np.float16),
         "classes": _memmap(tmp / "classes.npy", (epochs, n, m, k), np.int16),
@@ -124,14 +217,27 @@ def build_teacher_cache(
             outs = module.teachers(batch["image"].to(device), pooled=pooled)
             rows = slice(start, start + len(batch["target"]))
             logp = torch.stack([o.logits.float().log_softmax(-1) for o in outs], 1)  # (B,M,K)
+            if not torch.isfinite(logp).all():
+                raise ConfigError(
+                    f"a teacher gave NaN/inf outputs in epoch {e}, samples {start}.."
+                    f"{start + len(batch['target']) - 1} of the cache build; nothing was "
+                    "written to the cache folder. Check the data (NaN pixels) and the teachers"
+                )
             top, idx = logp.topk(k, dim=-1)
+            top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
             rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
             arrays["logp"][e, rows] = top.cpu().numpy().astype(np.float16)
             arrays["classes"][e, rows] = idx.cpu().numpy().astype(np.int16)
             arrays["rest"][e, rows] = rest.cpu().numpy().astype(np.float16)
             if pooled:
                 for i, o in enumerate(outs):
-                    arrays[f"pooled{i}"][e, rows] = o.pooled.float().cpu().numpy()
+                    features = o.pooled.float().cpu().numpy().astype(np.float16)
+                    if not np.isfinite(features).all():
+                        raise ConfigError(
+                            f"teacher {i}'s pooled features are NaN/inf or exceed float16 "
+                            f"(|x| > 65504) in epoch {e}; the cache cannot store them"
+                        )
+                    arrays[f"pooled{i}"][e, rows] = features
             start += len(batch["target"])
             bar.update(len(batch["target"]))
     bar.close()
@@ -147,15 +253,59 @@ def build_teacher_cache(
         "pooled": pooled,
         "deterministic": deterministic,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+_REBUILD = "rebuild it with `visdistill cache --config <your config> --out <dir> --overwrite`"
+
+
+def _load_array(path: Path, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """Memory-map ``path/name``, refusing a missing, truncated or misshapen file."""
+    file = path / name
+    try:
+        array = np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise ConfigError(f"teacher cache {path} lacks {name}; {_REBUILD}") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated: "mmap length is greater ..."
+        raise ConfigError(
+            f"teacher cache {path}: {name} is truncated or damaged ({e}); {_REBUILD}"
+        ) from None
+    if len(array.shape) != len(shape) or any(
+        want is not None and got != want for got, want in zip(array.shape, shape, strict=True)
+    ):
+        raise ConfigError(
+            f"teacher cache {path}: {name} has shape {array.shape}, its manifest says "
+            f"{tuple('*' if d is None else d for d in shape)}; {_REBUILD}"
+        )
+    return array
+
+
+def _chunks(array: np.ndarray, rows: int = 1 << 16):
+    flat = array.reshape(array.shape[0] * array.shape[1], -1) if array.ndim > 1 else array
+    for start in range(0, len(flat), rows):
+        yield np.asarray(flat[start : start + rows])
+
+
+def _check_finite(path: Path, name: str, array: np.ndarray) -> None:
+    """Read the whole array in chunks (a cache is read once per epoch anyway)."""
+    bad = sum(int((~np.isfinite(chunk)).sum()) for chunk in _chunks(array))
+    if bad:
+        raise ConfigError(
+            f"teacher cache {path}: {name} holds {bad} NaN/inf value(s): the file is damaged "
+            f"or the teachers gave non-finite outputs; {_REBUILD}"
+        )
+
+
+def _chunked_range(array: np.ndarray) -> tuple[int, int]:
+    lows, highs = zip(*((int(c.min()), int(c.max())) for c in _chunks(array)), strict=True)
+    return min(lows), max(highs)
 
 
 @dataclass
@@ -179,15 +329,38 @@ class TeacherCache:
                 f"teacher cache not found: {manifest_file}; build it with "
                 "`visdistill cache --config <your config> --out <dir>`"
             )
-        manifest = json.loads(manifest_file.read_text())
-        load = lambda name: np.load(path / name, mmap_mode="r")  # noqa: E731
-        source = np.load(path / "source_index.npy")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            epochs, n, k = manifest["epochs"], manifest["train_samples"], manifest["top_k"]
+            n_teachers, k_cls = len(manifest["teacher_names"]), manifest["num_classes"]
+            pooled_on = manifest["pooled"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"teacher cache {path}: {MANIFEST} is damaged ({type(e).__name__}: {e}); "
+                "rebuild it with `visdistill cache --config <your config> --out <dir> --overwrite`"
+            ) from None
+        source = _load_array(path, "source_index.npy", (n,))
         row_of = np.full(int(source.max()) + 1, -1, dtype=np.int64)
         row_of[source] = np.arange(len(source))
-        n_teachers = len(manifest["teacher_names"])
-        pooled = [load(f"pooled{i}.npy") for i in range(n_teachers)] if manifest["pooled"] else []
-        return cls(path, manifest, load("logp.npy"), load("classes.npy"), load("rest.npy"),
-                   pooled, row_of)  # fmt: skip
+        logp = _load_array(path, "logp.npy", (epochs, n, n_teachers, k))
+        classes = _load_array(path, "classes.npy", (epochs, n, n_teachers, k))
+        rest = _load_array(path, "rest.npy", (epochs, n, n_teachers))
+        pooled = [
+            _load_array(path, f"pooled{i}.npy", (epochs, n, None))
+            for i in range(n_teachers if pooled_on else 0)
+        ]
+        for name, array in [("logp.npy", logp), ("rest.npy", rest)] + [
+            (f"pooled{i}.npy", a) for i, a in enumerate(pooled)
+        ]:
+            _check_finite(path, name, array)
+        low, high = _chunked_range(classes)
+        if low < 0 or high >= k_cls:
+            raise ConfigError(
+                f"teacher cache {path}: classes.npy holds class {low if low < 0 else high}, "
+                f"outside 0..{k_cls - 1}: the file is damaged. Rebuild the cache with "
+                "`visdistill cache --config <your config> --out <dir> --overwrite`"
+            )
+        return cls(path, manifest, logp, classes, rest, pooled, row_of)
 
     def check(self, module: Any, datamodule: Any, max_epochs: int | None) -> None:
         """Refuse a cache built for other teachers, data or augmentation, or too few epochs."""
