@@ -93,3 +93,54 @@ def test_bad_input_spec():
         InputSpec(std=(0.0, 1.0, 1.0))
     with pytest.raises(ConfigError, match="3 values"):
         InputSpec(mean=(0.5,))
+
+
+# One tiny configuration per family with a fixed input size (timm's named variants fix some
+# kwargs, so the MLP families keep theirs): (name, model_kwargs, the size they must run at).
+FIXED_SIZE_FAMILIES = [
+    ("vit_tiny_patch16_224", dict(depth=1), 224),
+    ("eva02_tiny_patch14_224", dict(depth=1), 224),
+    ("beit_base_patch16_224", dict(depth=1, embed_dim=64, num_heads=2), 224),
+    ("mixer_s16_224", {}, 224),  # stem.img_size
+    ("resmlp_12_224", {}, 224),  # stem.img_size
+    ("gmlp_ti16_224", {}, 224),  # stem.img_size
+    ("levit_128s", dict(depth=(1, 1, 1)), 224),  # pretrained_cfg only
+    ("swin_tiny_patch4_window7_224", dict(depths=(1,) * 4, embed_dim=24, num_heads=(1,) * 4), 224),
+    ("cait_xxs24_224", dict(depth=1, depth_token_only=1), 224),
+    ("pit_ti_224", dict(depth=(1, 1, 1)), 224),
+    ("tnt_s_patch16_224", dict(depth=1), 224),
+    ("coat_lite_tiny", dict(serial_depths=(1,) * 4), 224),
+    ("convit_tiny", dict(depth=1, local_up_to_layer=1), 224),
+    ("efficientformer_l1", dict(depths=(1,) * 4), 224),
+    ("maxvit_tiny_tf_224", dict(depths=(1,) * 4, embed_dim=(32,) * 4), 224),  # model.img_size
+    ("crossvit_tiny_240", dict(depth=((1, 1, 0),)), 240),
+    ("hiera_tiny_224", dict(stages=(1,) * 4), 224),
+    ("test_vit3", {}, 160),
+]
+
+
+def test_every_fixed_size_family_runs_on_32px_data_as_student_and_teacher():
+    # Before: only patch_embed was looked at; MLP-Mixer, ResMLP, gMLP (stem), LeViT, MaxViT,
+    # CrossViT, TNT, CoaT, EfficientFormer and Hiera ran at 32 px and crashed inside timm.
+    from visdistill import KD, DistillationModule, ModelConfig
+
+    batch = {"image": torch.rand(2, 3, 32, 32), "target": torch.tensor([0, 1])}
+    for name, kwargs, side in FIXED_SIZE_FAMILIES:
+        cfg = ModelConfig(name=name, num_classes=10, model_kwargs=kwargs)
+        module = DistillationModule(student=cfg, teachers=[cfg], terms=[KD()])
+        assert module.student.input_spec.size == (side, side), name
+        assert module.teachers[0].input_spec.size == (side, side), name
+        total, parts, out = module.compute_losses(batch)
+        total.backward()
+        assert out.logits.shape == (2, 10) and torch.isfinite(total), name
+
+
+def test_fixed_size_follows_img_size_kwargs_and_dynamic_sizes_stay_free():
+    assert Backbone(**MLP).input_spec.size == (32, 32)  # stem built at 32
+    levit = Backbone("levit_128s", num_classes=10, model_kwargs=dict(img_size=64, depth=(1, 1, 1)))
+    assert levit.input_spec.size == (64, 64)  # no img_size attribute: the kwarg
+    assert levit(torch.rand(2, 3, 32, 32)).logits.shape == (2, 10)
+    dynamic = Backbone(**{**VIT, "model_kwargs": dict(VIT["model_kwargs"], dynamic_img_size=True)})
+    assert dynamic.input_spec.size is None
+    assert Backbone(**CNN).input_spec.size is None
+    assert Backbone("test_vit", num_classes=10).input_spec.size is None  # strict_img_size=False

@@ -132,6 +132,45 @@ def check_model_name(name: str) -> None:
     )
 
 
+def _pair(value: Any) -> tuple[int, int] | None:
+    """``224`` or ``(224, 224)`` (or ``(3, 224, 224)``) -> ``(224, 224)``; else ``None``."""
+    if isinstance(value, int) and value > 0:
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        hw = tuple(value[-2:])
+        if all(isinstance(v, int) and v > 0 for v in hw):
+            return hw
+    return None
+
+
+def fixed_input_size(
+    model: nn.Module, model_kwargs: dict[str, Any] | None = None
+) -> tuple[int, int] | None:
+    """``(H, W)`` a timm model must run at, or ``None`` when it takes any size.
+
+    A model is fixed when timm's ``pretrained_cfg`` says ``fixed_input_size`` (ViT, DeiT,
+    Swin, CaiT, BEiT, EVA, MLP-Mixer, ResMLP, gMLP, LeViT, PiT, TNT, CoaT, ConViT, VOLO,
+    MaxViT, CoAtNet, Hiera, EfficientFormer, ...) or its patch embedding checks the size
+    (``strict_img_size``). The size is the one the model was built for, in this order: the
+    ``img_size`` of its ``patch_embed``, ``stem`` or the model itself (these follow an
+    ``img_size`` in ``model_kwargs``), ``model_kwargs["img_size"]``, then the
+    ``pretrained_cfg``'s ``input_size``. A patch embedding built with
+    ``strict_img_size=False`` (``dynamic_img_size=True``) means any size.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "strict_img_size", None) is False:
+        return None  # dynamic image size
+    strict = getattr(patch_embed, "strict_img_size", None) is True
+    if not (cfg.get("fixed_input_size") or strict):
+        return None
+    for owner in (patch_embed, getattr(model, "stem", None), model):
+        size = _pair(getattr(owner, "img_size", None)) if owner is not None else None
+        if size is not None:
+            return size
+    return _pair((model_kwargs or {}).get("img_size")) or _pair(cfg.get("input_size"))
+
+
 class Backbone(nn.Module):
     """A timm classifier that preprocesses its own input and exposes stage features.
 
@@ -144,8 +183,9 @@ class Backbone(nn.Module):
         pretrained: load timm's default weights (hub or cache).
         checkpoint: a local ``.safetensors`` or torch state dict to load (wins over
             ``pretrained``); ``module.``/``model.`` prefixes are stripped.
-        input_size: side (or ``(H, W)``) the model runs at. Default: the model's fixed
-            ``img_size`` for ViT/MLP models, else the data's own size.
+        input_size: side (or ``(H, W)``) the model runs at. Default: the fixed
+            size of models that have one (:func:`fixed_input_size`: ViT, Swin, MLP-Mixer,
+            LeViT ...), else the data's own size.
         mean, std, interpolation: default from timm's ``pretrained_cfg``.
         in_chans: 3, or 1 for grayscale models.
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
@@ -230,9 +270,7 @@ class Backbone(nn.Module):
     def _resolve_input_spec(self, input_size, mean, std, interpolation, in_chans) -> InputSpec:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         if input_size is None:
-            fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
-            if fixed is not None and getattr(self.model.patch_embed, "strict_img_size", True):
-                input_size = tuple(fixed)
+            input_size = fixed_input_size(self.model, self.model_kwargs)
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
         in_chans_default = (0.5,) * in_chans
