@@ -6,6 +6,8 @@ Each test failed on the code before its fix (noted per test)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,95 @@ def test_evaluation_without_a_checkpoint_is_refused(command, tmp_path, capsys):
 def test_evaluation_of_the_untrained_student_on_purpose(tmp_path):
     cfg = _cli_config(tmp_path)
     main(["test", "--config", cfg, "--allow_untrained", "true"])
+
+
+# ----------------------------------------------------------------------- run folders
+def _fixed_folder_config(root, name="r.yaml", **trainer):
+    """The tiny CLI config with the shipped configs' logger: one fixed folder, runs/tiny."""
+    import yaml
+
+    config = yaml.safe_load(Path(_cli_config(root)).read_text())
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(root / "runs"), "name": "tiny", "version": ""},
+    }
+    config["trainer"] = {**config["trainer"], "logger": logger, "limit_train_batches": 1}
+    config["trainer"].update(trainer)
+    path = root / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_told(tmp_path, capsys):
+    """Before: the second run silently replaced the first run's best.ckpt."""
+    cfg = _fixed_folder_config(tmp_path)
+    folder = tmp_path / "runs" / "tiny"
+    main(["fit", "--config", cfg])
+    best = (folder / "checkpoints" / "best.ckpt").read_bytes()
+    err = _run(["fit", "--config", cfg, "--model.ce_weight", "0.5"], capsys)
+    assert f"run folder {folder} already holds another run (" in err and "best.ckpt" in err
+    assert "--ckpt_path last" in err and "--run_folder new_version" in err
+    assert (folder / "checkpoints" / "best.ckpt").read_bytes() == best
+    # A new version below the folder; the first run's files stay as they were.
+    with pytest.warns(UserWarning, match="this run logs to .*version_1"):
+        main(["fit", "--config", cfg, "--run_folder", "new_version"])
+    assert (folder / "version_1" / "checkpoints" / "best.ckpt").is_file()
+    assert (folder / "checkpoints" / "best.ckpt").read_bytes() == best
+    # Resuming continues in the resumed checkpoint's own folder (no flag needed).
+    main(["fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    v1 = torch.load(folder / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert v1["epoch"] == 1 and (folder / "checkpoints" / "best.ckpt").read_bytes() == best
+    with pytest.warns(UserWarning, match="--run_folder overwrite: writing into"):
+        main(["fit", "--config", cfg, "--run_folder", "overwrite"])
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    """Before: two concurrent runs both exited 0, one run's checkpoints were gone."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = _fixed_folder_config(tmp_path)
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(  # another run holding the folder (the lock protocol, no torch)
+        [sys.executable, "-c", (
+            "import fcntl, json, os, socket, sys, time\n"
+            f"fd = os.open({str(folder / '.visdistill.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),"
+            " 'started': 'now'}).encode())\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _run(["fit", "--config", cfg], capsys)
+        assert f"run folder {folder} is in use by another run (pid {holder.pid} on" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    main(["fit", "--config", cfg])  # the killed run's lock is stale: taken over
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert (folder / ".visdistill.lock").read_text() == ""  # released at the end
+
+
+def test_an_unwritable_save_dir_is_refused_before_any_work(tmp_path, capsys):
+    """Before: a traceback from the logger or checkpoint writer after the model and data
+    were built (or, for a read-only folder, at the first checkpoint)."""
+    import os
+
+    cfg = _fixed_folder_config(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(blocker / "runs", "Not a directory")]
+    if os.geteuid() != 0:  # root writes into read-only folders
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+        cases.append((read_only, "Permission denied"))
+    for save_dir, reason in cases:
+        args = ["fit", "--config", cfg, "--trainer.logger.init_args.save_dir", str(save_dir)]
+        err = _run(args, capsys)
+        assert f"cannot write to the run folder {save_dir / 'tiny'}: {reason}" in err
+        assert len(err.strip().splitlines()) == 1

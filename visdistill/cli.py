@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
 from typing import Any, Literal
 
 from lightning.pytorch import Trainer
@@ -61,6 +60,14 @@ class VisdistillCLI(LightningCLI):
             default=None,
             help="also write last.ckpt every N training steps (mid-epoch resume with "
             "--ckpt_path last; by default it is written at every epoch end)",
+        )
+        parser.add_argument(
+            "--run_folder",
+            type=Literal["refuse", "overwrite", "new_version"],
+            default="refuse",
+            help="fit into a run folder that holds another run's checkpoints or logs: refuse "
+            "(default; resuming a checkpoint of that folder is always allowed), overwrite, or "
+            "new_version (log to the next free version_N below it)",
         )
         parser.add_argument(
             "--allow_untrained",
@@ -136,7 +143,15 @@ class VisdistillCLI(LightningCLI):
             config["weights_only"] = True
 
     def before_fit(self) -> None:
+        from .run_folder import prepare_run_folder
+
         self._resolve_ckpt_path()
+        config = self.config[self.subcommand]
+        lock = prepare_run_folder(
+            self.trainer, config.get("run_folder", "refuse"), self.config_init["fit"]["ckpt_path"]
+        )
+        if lock is not None:  # released when the fit ends, however it ends
+            self.trainer.callbacks.append(lock)
         every = self.config[self.subcommand].get("checkpoint_every_n_steps")
         if every:
             # A second writer of last.ckpt: the epoch-end one stays (same file name).
