@@ -13,6 +13,7 @@ MLP tokens are reshaped to their patch grid).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,16 @@ from .checkpoints import load_state_dict_file, load_weights_into
 from .errors import CheckpointError, ConfigError, UnknownModelError, close_matches
 
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "timm/")
+_ALIAS = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def short_name(name: str) -> str:
+    """The name a user recognises in logs: ``zoo:fmnist_resnet10t`` -> ``fmnist_resnet10t``,
+    ``hf-hub:timm/vit_small_patch14_dinov2.lvd142m`` -> ``vit_small_patch14_dinov2.lvd142m``,
+    ``local-dir:/models/my_vit/`` -> ``my_vit``; a plain timm name stays as it is."""
+    short = name.split(":", 1)[1] if ":" in name else name
+    short = short.rstrip("/").rsplit("/", 1)[-1] or name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", short)
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ class ModelConfig:
     in_chans: int = 3
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     allow_unverified: bool = False
+    alias: str | None = None
 
 
 def check_model_name(name: str) -> None:
@@ -191,6 +203,8 @@ class Backbone(nn.Module):
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
             ``depth``, ``drop_path_rate`` ...).
         allow_unverified: accept a zoo entry whose manifest has no sha256.
+        alias: a short name for logs, metric keys and summaries (``val/<alias>_acc``);
+            default: :func:`short_name` of ``name``.
     """
 
     def __init__(
@@ -206,10 +220,17 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
         allow_unverified: bool = False,
+        alias: str | None = None,
     ) -> None:
         super().__init__()
         check_model_name(name)
         self.name = name
+        if alias is not None and not _ALIAS.fullmatch(alias):
+            raise ConfigError(
+                f"alias {alias!r} of {name}: use letters, digits, '_', '-' or '.' "
+                "(it becomes part of metric names such as val/<alias>_acc)"
+            )
+        self.alias = alias or short_name(name)
         self.model_kwargs = dict(model_kwargs or {})
         kwargs = dict(self.model_kwargs)
         if num_classes is not None:

@@ -17,13 +17,8 @@ from . import resume
 from .distillers.base import DistillTerm, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
-from .teachers import TeacherEnsemble, ensemble_probs, per_teacher_stages
-
-# Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# nonfinite="skip" returns None from training_step on purpose (and warns itself).
-warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
-
+from .quiet import ExpectedWarnings
+from .teachers import ENSEMBLE, TeacherEnsemble, ensemble_probs, per_teacher_stages
 
 _NONFINITE_MODES = ("skip", "raise", "ignore")
 # The skipped-fraction limit applies once this many training steps were tried in the run.
@@ -247,7 +242,7 @@ class DistillationModule(L.LightningModule):
         return total, parts, student_out
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         self._update_term_progress(batch_idx)
         self._step_skipped = False
         guarded = self.nonfinite != "ignore"
@@ -274,7 +269,9 @@ class DistillationModule(L.LightningModule):
             if diagnostics:
                 self.log_dict(diagnostics, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return total
+        # The components ride along to callbacks (LogLineProgressBar averages them per line)
+        # without a host sync: Lightning passes this dict as `outputs`.
+        return {"loss": total, "parts": {k: v.detach() for k, v in parts.items()}}
 
     def _components_logged_this_step(self) -> bool:
         """Log the loss components on the first step and on the steps whose metrics reach the
@@ -442,10 +439,15 @@ class DistillationModule(L.LightningModule):
         if len(outs) > 1:
             self.teacher_acc[-1].update(ensemble_probs(outs), target)
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names in metric keys (``val/<name>_acc``): aliases or short names."""
+        return self.teachers.names if self.teachers is not None else []
+
     def _compute_teacher_acc(self) -> dict[str, float]:
+        names = [*self.teacher_names, ENSEMBLE]
         scores = {}
-        for i, metric in enumerate(self.teacher_acc):
-            name = "ensemble" if i == len(self.teachers) else f"teacher{i}"
+        for name, metric in zip(names, self.teacher_acc, strict=False):
             scores[name] = float(metric.compute())
             metric.reset()
         return scores
@@ -485,6 +487,13 @@ class DistillationModule(L.LightningModule):
         return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
 
     def on_fit_start(self) -> None:
+        # Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there), and
+        # nonfinite="skip" returns None from training_step on purpose (and warns itself).
+        self._expected_warnings = ExpectedWarnings(
+            eval_modules=sum(1 for _ in self.teachers.modules()) if self.teachers else 0,
+            skipped_steps=self.nonfinite == "skip",
+        )
+        self._expected_warnings.enter()
         self._check_data_classes()
         if self.channels_last and self.device.type == "cuda":
             self.to(memory_format=torch.channels_last)
@@ -506,6 +515,17 @@ class DistillationModule(L.LightningModule):
             self._cache = cache
         for term in self.terms:
             term.on_fit_start(self)
+
+    def on_fit_end(self) -> None:
+        self._leave_expected_warnings()
+
+    def teardown(self, stage: str) -> None:
+        self._leave_expected_warnings()
+
+    def _leave_expected_warnings(self) -> None:
+        expected = getattr(self, "_expected_warnings", None)
+        if expected is not None:
+            expected.exit()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

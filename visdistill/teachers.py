@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput
 
+ENSEMBLE = "ensemble"  # the metric name of the teachers' averaged prediction
+
 
 class Teacher(Backbone):
     """A :class:`Backbone` frozen by construction (same arguments)."""
@@ -56,6 +58,10 @@ class TeacherEnsemble(nn.Module):
             raise ConfigError(
                 f"teachers disagree on num_classes ({listing}); all must predict the same classes"
             )
+        # Frozen from the start like its members: Lightning records every module's mode
+        # before validation and restores it after, so a container left in train mode here
+        # would read "train" in summaries and mode checks.
+        super().train(False)
 
     def train(self, mode: bool = True) -> TeacherEnsemble:
         # Frozen like its members, so summaries and mode checks read "eval".
@@ -73,6 +79,21 @@ class TeacherEnsemble(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.teachers[0].num_classes
+
+    @property
+    def names(self) -> list[str]:
+        """One unique name per teacher for metric keys and summaries: its ``alias`` (default
+        the model's short name), with ``_2``, ``_3`` ... on repeats. ``ensemble`` is taken by
+        the ensemble's own metrics."""
+        names: list[str] = []
+        for teacher in self.teachers:
+            base = teacher.alias
+            name, n = base, 1
+            while name in names or name == ENSEMBLE:
+                n += 1
+                name = f"{base}_{n}"
+            names.append(name)
+        return names
 
     @torch.no_grad()
     def forward(
