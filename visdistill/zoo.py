@@ -293,11 +293,14 @@ def load_entry_weights(
     """
     path = weights_path(entry, allow_unverified, progress)
     state = load_state_dict_file(path)
-    if entry.weights.key_map == "ordered":
-        state = map_keys_in_order(state, model, source=str(path))
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads: list[str] = []
     if getattr(model, "num_classes", entry.num_classes) != entry.num_classes and classifier:
         heads = [classifier] if isinstance(classifier, str) else list(classifier)
+    if entry.weights.key_map == "ordered":
+        # The file's classifier maps onto the model's by position; replaced just below.
+        state = map_keys_in_order(state, model, source=str(path), any_shape=heads)
+    if heads:
         state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
         own = model.state_dict()
         state.update({k: v for k, v in own.items() if any(k.startswith(h + ".") for h in heads)})
@@ -305,11 +308,15 @@ def load_entry_weights(
 
 
 def map_keys_in_order(
-    state: dict[str, torch.Tensor], model: nn.Module, source: str = "state dict"
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    source: str = "state dict",
+    any_shape: list[str] | tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Rename ``state``'s tensors, in order, to ``model``'s keys (``num_batches_tracked``
     dropped on both sides), checking every shape: for checkpoints of the same network
-    saved under another implementation's names."""
+    saved under another implementation's names. Shapes under the module prefixes in
+    ``any_shape`` (a classifier about to be replaced) are not checked."""
     src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
@@ -319,7 +326,7 @@ def map_keys_in_order(
         )
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-        if sv.shape != dv.shape:
+        if sv.shape != dv.shape and not any(dk.startswith(h + ".") for h in any_shape):
             raise CheckpointError(
                 f"{source}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)} "
                 "when mapping keys in order"
