@@ -319,3 +319,28 @@ def test_teacher_from_an_export_folder_and_bad_teacher_paths(tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(ConfigError, match="lacks config.json"):
         build_teacher(str(folder), 10)
+
+
+def test_printed_table_shows_labels_with_brackets_verbatim():
+    # Before: rich read "[channels=32,64 depths=1,1]" as markup and printed "resnet10t".
+    import io
+
+    from rich.console import Console
+
+    from visdistill.search.cli import print_table
+    from visdistill.search.evolution import SearchResult
+
+    candidates = [
+        Candidate.of("resnet10t", channels=(32, 64), depths=(1, 1)),
+        Candidate.of("mobilenetv3_small_050", depth_multiplier=0.5),
+        Candidate("my[bold]model"),
+    ]
+    ranking = [
+        Evaluated(c, score=-float(i), cost=Cost(params=10)) for i, c in enumerate(candidates)
+    ]
+    result = SearchResult(ranking, ranking, "exhaustive", 0.1, "test")
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    print_table(result, top=10, console=console)
+    out = console.file.getvalue()
+    for c in candidates:
+        assert c.label in out, (c.label, out)

@@ -223,6 +223,7 @@ def candidate_errors(c: Candidate):
 # ------------------------------------------------------------------------------ output
 def print_table(result: SearchResult, top: int, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -240,7 +241,7 @@ def print_table(result: SearchResult, top: int, console=None) -> None:
         cost = e.cost
         row = [
             str(i),
-            e.candidate.label,
+            escape(e.candidate.label),  # "resnet10t[channels=...]" is not rich markup
             f"{e.score:.4g}",
             num(e.components.get("semantic")),
             num(e.components.get("relation")),
