@@ -177,3 +177,24 @@ def test_official_recipe_pieces_are_reachable_from_the_config():
     assert set(parts) == {"ce", "meal_v2/soft_ce"}
     assert torch.allclose(total, parts["meal_v2/soft_ce"])
     assert F.cross_entropy(out.logits, batch["target"]).item() == pytest.approx(parts["ce"].item())
+
+
+def test_discriminator_width_reduction_is_an_argument():
+    assert OutputDiscriminator(1000).widths == [1000, 125, 15, 2]  # official K = 8
+    assert sum(p.numel() for p in OutputDiscriminator(1000).parameters()) == 127047
+    assert OutputDiscriminator(1000, reduction=4).widths == [1000, 250, 62, 2]
+    term = MEALV2(disc_reduction=2)
+    term.setup(_Stub(100), [])
+    assert term.discriminator.widths == [100, 50, 25, 2]
+    assert term.config()["init_args"]["disc_reduction"] == 2
+    with pytest.raises(ConfigError, match="disc_reduction must be >= 1"):
+        MEALV2(disc_reduction=0)
+
+
+def test_logit_mean_discriminator_with_the_teacher_cache_is_refused():
+    # The cache holds top-k log-probabilities: their mean is not the teachers' mean logit.
+    kw = dict(student=ModelConfig(**CNN), teachers=[ModelConfig(**CNN)], teacher_cache="x")
+    with pytest.raises(ConfigError, match=r"MEALV2 read the teachers' logits.*disc_input: prob"):
+        DistillationModule(terms=[MEALV2()], **kw)
+    DistillationModule(terms=[MEALV2(disc_input="prob")], **kw)  # the probabilities are fine
+    DistillationModule(terms=[MEALV2(mode="none")], **kw)  # no discriminator

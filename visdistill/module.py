@@ -181,6 +181,13 @@ class DistillationModule(L.LightningModule):
                     + (f"{', '.join(staged)} read teacher stages" if staged else "no teachers")
                     + ": remove teacher_cache or those terms"
                 )
+            raw = [type(t).__name__ for t in self.terms if t.needs_teacher_logits]
+            if raw:
+                raise ConfigError(
+                    f"{', '.join(raw)} read the teachers' logits (MEALV2: disc_input "
+                    "logit_mean), but the teacher cache stores top-k log-probabilities, whose "
+                    "mean is not the mean logit; use disc_input: prob, or remove teacher_cache"
+                )
         weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
         if len(weighting) > 1:
             raise ConfigError(

@@ -27,7 +27,10 @@ class DistillTerm(nn.Module):
     - ``student_stages`` / ``teacher_stages``: stage indices (into ``feature_info``);
     - ``needs_pooled``: whether it reads ``(B, D)`` pre-logits features;
     - ``needs_prefix_tokens``: whether it reads the student's class/register tokens at its
-      stages (``ModelOutput.prefix_tokens``; ViT-like students only). Set it in ``setup``.
+      stages (``ModelOutput.prefix_tokens``; ViT-like students only). Set it in ``setup``;
+    - ``needs_teacher_logits``: whether it reads the teachers' logits themselves, not only
+      the distributions they define (a teacher cache stores log-probabilities, which give
+      the same softmax at any temperature but not the same logits).
 
     ``setup(student, teachers)`` runs once when the module is built, before any
     forward pass: build projectors from ``feature_info`` there, so the optimizer sees
@@ -64,6 +67,7 @@ class DistillTerm(nn.Module):
     teacher_stages: tuple[int, ...] = ()
     needs_pooled: bool = False
     needs_prefix_tokens: bool = False
+    needs_teacher_logits: bool = False
     provides_teacher_weights: bool = False
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -21,18 +21,27 @@ DISC_INPUTS = ("logit_mean", "prob")
 
 
 class OutputDiscriminator(nn.Sequential):
-    """Three linear layers ``C -> C//8 -> C//64 -> 2`` with ReLU after each, the last one
+    """Three linear layers ``C -> C//K -> C//K^2 -> 2`` with ReLU after each, the last one
     included when ``final_relu`` (the official code's oddity, kept for fidelity).
 
-    Hidden widths are at least ``min_hidden`` (our guard: ``C // 64`` is 0 for fewer than
-    64 classes). ``C = 1000`` gives the official 127,047 parameters.
+    ``K = reduction`` is 8 in the official code. Hidden widths are at least ``min_hidden``
+    (our guard: ``C // 64`` is 0 for fewer than 64 classes). ``C = 1000``, ``K = 8`` gives
+    the official 127,047 parameters.
     """
 
-    def __init__(self, num_classes: int, final_relu: bool = True, min_hidden: int = 4) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        final_relu: bool = True,
+        min_hidden: int = 4,
+        reduction: int = 8,
+    ) -> None:
+        if reduction < 1:
+            raise ConfigError(f"discriminator width reduction must be >= 1, got {reduction}")
         widths = [
             num_classes,
-            max(num_classes // 8, min_hidden),
-            max(num_classes // 64, min_hidden),
+            max(num_classes // reduction, min_hidden),
+            max(num_classes // reduction**2, min_hidden),
         ]
         layers: list[nn.Module] = []
         for a, b in zip(widths, widths[1:], strict=False):
@@ -89,6 +98,8 @@ class MEALV2(DistillTerm):
             low (spec §1.11).
         disc_min_hidden: smallest hidden width of the discriminator (our guard for small
             ``C``; the official rule gives 0 below 64 classes).
+        disc_reduction: ``K`` of the discriminator's widths ``C -> C//K -> C//K^2 -> 2``
+            (official 8).
         weight: multiplier of the whole term.
     """
 
@@ -102,9 +113,13 @@ class MEALV2(DistillTerm):
         disc_weight: float = 1.0,
         disc_min_hidden: int = 4,
         disc_lr_scale: float = 1.0,
+        disc_reduction: int = 8,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
+        if disc_reduction < 1:
+            raise ConfigError(f"MEALV2 disc_reduction must be >= 1, got {disc_reduction}")
+        self.disc_reduction = int(disc_reduction)
         if disc_lr_scale <= 0:
             raise ConfigError(f"MEALV2 disc_lr_scale must be > 0, got {disc_lr_scale}")
         self.disc_lr_scale = float(disc_lr_scale)
@@ -113,6 +128,8 @@ class MEALV2(DistillTerm):
         if disc_input not in DISC_INPUTS:
             raise ConfigError(f"MEALV2 disc_input must be one of {DISC_INPUTS}, got {disc_input!r}")
         self.mode, self.disc_input, self.final_relu = mode, disc_input, final_relu
+        # The mean teacher *logits*: a teacher cache holds log-probabilities only.
+        self.needs_teacher_logits = mode != "none" and disc_input == "logit_mean"
         if disc_min_hidden < 1:
             raise ConfigError(f"MEALV2 disc_min_hidden must be >= 1, got {disc_min_hidden}")
         self.disc_weight, self.disc_min_hidden = float(disc_weight), int(disc_min_hidden)
@@ -126,7 +143,7 @@ class MEALV2(DistillTerm):
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         if self.mode != "none":
             self.discriminator = OutputDiscriminator(
-                student.num_classes, self.final_relu, self.disc_min_hidden
+                student.num_classes, self.final_relu, self.disc_min_hidden, self.disc_reduction
             )
 
     def forward(
