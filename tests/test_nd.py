@@ -142,7 +142,6 @@ def test_fit_computes_class_means_once_then_reuses_the_cache(tmp_path, monkeypat
     def fit(module):
         L.Trainer(
             max_epochs=1,
-            limit_train_batches=2,
             limit_val_batches=1,
             accelerator="cpu",
             logger=False,
@@ -150,7 +149,7 @@ def test_fit_computes_class_means_once_then_reuses_the_cache(tmp_path, monkeypat
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=tmp_path,
-        ).fit(module, DigitsDataModule(batch_size=64, train_subset=300))
+        ).fit(module, DigitsDataModule(batch_size=64, train_subset=128))
 
     def build():
         torch.manual_seed(0)  # same (random) teacher weights -> same cache key
@@ -186,3 +185,39 @@ def test_cache_key_changes_with_teacher_weights_and_data():
     assert key != class_means_key(other, dm, 300, True)
     assert key != class_means_key(a, DigitsDataModule(train_subset=200), 300, True)
     assert key != class_means_key(a, dm, 300, False)
+
+
+@pytest.mark.parametrize("limit", [dict(fast_dev_run=2), dict(limit_train_batches=3)])
+def test_shortened_runs_shorten_the_class_means_pass_and_do_not_cache_it(
+    tmp_path, monkeypatch, limit
+):
+    # Before: the means pass ran over the whole training set whatever fast_dev_run said.
+    import lightning as L
+
+    from visdistill import DigitsDataModule
+
+    seen = []
+    original = ND.compute_class_means
+
+    def counting(self, teachers, batches, *args, **kwargs):
+        batches = list(batches)
+        seen.append(len(batches))
+        return original(self, teachers, batches, *args, **kwargs)
+
+    monkeypatch.setattr(ND, "compute_class_means", counting)
+    module = DistillationModule(
+        student=ModelConfig(**CNN),
+        teachers=[ModelConfig(**CNN)],
+        terms=[ND(cache_dir=str(tmp_path / "cache"))],
+    )
+    trainer = L.Trainer(
+        max_epochs=1, limit_val_batches=0, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path, **limit,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"ND class means from \d+ of \d+ batches"):
+        trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert seen == [next(iter(limit.values()))]
+    assert bool(module.terms[0].means_ready)
+    assert all(torch.isfinite(m).all() for m in module.terms[0].class_means())
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,10 +108,18 @@ class ND(DistillTerm):
 
     @torch.no_grad()
     def compute_class_means(
-        self, teachers: nn.Module, batches: Iterable[dict[str, Tensor]], device: Any = None
+        self,
+        teachers: nn.Module,
+        batches: Iterable[dict[str, Tensor]],
+        device: Any = None,
+        allow_missing: bool = False,
     ) -> list[Tensor]:
         """Stream ``batches`` through ``teachers`` (a :class:`TeacherEnsemble`) and return
-        per-teacher class means, summed in float64 and all-reduced across ranks."""
+        per-teacher class means ``(K, D_t)``, summed in float64 and all-reduced across ranks.
+
+        A class without samples is an error, unless ``allow_missing`` (a shortened debugging
+        pass): its mean is then 0 (a constant ND loss of 1 for its samples), with a warning.
+        """
         k = self.class_means()[0].shape[0]
         sums = [
             torch.zeros(k, m.shape[1], dtype=torch.float64, device=device)
@@ -126,6 +136,14 @@ class ND(DistillTerm):
             for t in [*sums, counts]:
                 dist.all_reduce(t)
         missing = (counts == 0).nonzero().flatten().tolist()
+        if missing and allow_missing:
+            warnings.warn(
+                f"ND class means: no sample of class(es) {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} in the shortened pass; their means are 0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return [(s / counts.clamp_min(1)[:, None]).float() for s in sums]
         if missing:
             raise ConfigError(
                 f"ND class means: no training samples of class(es) {missing}; every class "
@@ -146,14 +164,28 @@ class ND(DistillTerm):
             self.set_class_means(_load_means(cache, self.num_teachers))
             return
         loader = _rank_shard(loader, trainer.global_rank, trainer.world_size, self.augmented)
-        batches = loader
+        # fast_dev_run / limit_train_batches shorten the means pass too (not cached then).
+        limit = _batch_limit(trainer.limit_train_batches, len(loader))
+        batches: Iterable[dict[str, Tensor]] = loader
+        if limit is not None:
+            batches = itertools.islice(loader, limit)
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"ND class means from {limit} of {len(loader)} batches per process "
+                    f"(fast_dev_run / limit_train_batches: {trainer.limit_train_batches}); "
+                    "they are not cached",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            batches = tqdm(loader, desc="ND class means", leave=False)
-        means = self.compute_class_means(module.teachers, batches, module.device)
+            batches = tqdm(batches, desc="ND class means", leave=False, total=limit)
+        means = self.compute_class_means(
+            module.teachers, batches, module.device, allow_missing=limit is not None
+        )
         self.set_class_means(means)
-        if cache is not None and trainer.is_global_zero:
+        if cache is not None and limit is None and trainer.is_global_zero:
             _save_means(cache, means)
 
     def _cache_path(self, module: Any, loader: DataLoader) -> Path | None:
@@ -213,6 +245,18 @@ def _train_loader(trainer: Any) -> DataLoader:
             "or pass class_means_file"
         )
     return loader
+
+
+def _batch_limit(limit: int | float | None, n_batches: int) -> int | None:
+    """Batches of the means pass under the trainer's ``limit_train_batches`` (which
+    ``fast_dev_run=N`` sets to ``N``): ``None`` for all of them."""
+    if limit is None or isinstance(limit, bool):
+        return None
+    if isinstance(limit, int):
+        return limit if limit < n_batches else None
+    if limit < 1.0:
+        return max(1, int(n_batches * limit))
+    return None
 
 
 def _rank_shard(loader: DataLoader, rank: int, world: int, augmented: bool) -> DataLoader:
