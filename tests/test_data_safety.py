@@ -237,3 +237,163 @@ def test_an_unwritable_save_dir_is_refused_before_any_work(tmp_path, capsys):
         err = _run(args, capsys)
         assert f"cannot write to the run folder {save_dir / 'tiny'}: {reason}" in err
         assert len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------- checkpoint files
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """`visdistill fit` of the tiny config for one step: (root, config, last.ckpt)."""
+    root = tmp_path_factory.mktemp("one")
+    cfg = _cli_config(root)
+    main(["fit", "--config", cfg, "--trainer.limit_train_batches=1"])
+    (last,) = (root / "runs").rglob("last.ckpt")
+    return root, cfg, last
+
+
+def test_checkpoints_are_written_beside_the_target_and_flushed(tmp_path, monkeypatch):
+    """Before: Lightning's fsspec transaction wrote the temporary file to the system temp
+    folder and moved it (a copy when that is another file system: a kill left a 0-byte
+    last.ckpt and an orphaned temp file), without fsync."""
+    import os
+    import tempfile
+
+    import lightning as L
+
+    temps, synced = [], []
+    mkstemp, fsync = tempfile.mkstemp, os.fsync
+
+    def recording_mkstemp(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        temps.append(Path(name))
+        return fd, name
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self") else fd)
+        return fsync(fd)
+
+    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu",
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_module(), DigitsDataModule(**DATA))
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert temps and all(t.parent == ckpt.parent for t in temps)  # same folder: a rename
+    assert any(str(t) in map(str, synced) for t in temps)  # flushed before the rename
+    assert not list(ckpt.parent.glob(".*.tmp"))
+
+
+def test_ckpt_path_last_skips_empty_and_corrupted_checkpoints_and_says_why(one_run, capsys):
+    """Before: the newest last.ckpt was taken even when empty or corrupt: a traceback (or,
+    corrupt but readable, a silently wrong resume)."""
+    import os
+    import time
+
+    root, cfg, good = one_run
+    logs = good.parent.parent.parent  # runs/lightning_logs
+    empty = logs / "version_7" / "checkpoints" / "last.ckpt"
+    flipped = logs / "version_8" / "checkpoints" / "last.ckpt"
+    empty.parent.mkdir(parents=True)
+    flipped.parent.mkdir(parents=True)
+    empty.write_bytes(b"")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["optimizer_states"][0]["state"][0]["exp_avg"].view(-1)[0] = 8e6  # a bit flip
+    torch.save(ckpt, flipped)
+    now = time.time()
+    os.utime(empty, (now + 10, now + 10))  # the newest
+    os.utime(flipped, (now + 5, now + 5))
+    args = ["fit", "--config", cfg, "--trainer.limit_train_batches=1", "--trainer.max_epochs=2"]
+    with pytest.warns(UserWarning, match="skipped newer unusable checkpoint") as record:
+        main([*args, "--ckpt_path", "last"])
+    message = next(str(w.message) for w in record if "skipped newer" in str(w.message))
+    assert f"resuming from {good}" in message
+    assert f"{empty} (empty file (0 bytes): its write was interrupted)" in message
+    assert f"{flipped} (corrupted: its tensors do not match the sha256" in message
+    # Given directly, each is one clear line.
+    err = _run([*args, "--ckpt_path", str(empty)], capsys)
+    assert f"checkpoint {empty} is an empty file (0 bytes)" in err and "zip" not in err
+    err = _run([*args, "--ckpt_path", str(flipped)], capsys)
+    assert f"{flipped} is corrupted: its tensors do not match the sha256 stored" in err
+
+
+def test_bit_flips_in_a_checkpoint_file_are_refused(one_run, tmp_path):
+    """Before: 4 KB flipped inside a tensor's bytes loaded without a word (an optimizer
+    state of 8e6, training went on)."""
+    import zipfile
+
+    import lightning as L
+
+    _, _, good = one_run
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:  # the largest tensor record, where the bytes are
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    local = data[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+    start += int.from_bytes(local[28:30], "little") + info.file_size // 2
+    data[start : start + 4096] = bytes(b ^ 0xFF for b in data[start : start + 4096])
+    bad = tmp_path / "flipped.ckpt"
+    bad.write_bytes(bytes(data))
+    trainer = L.Trainer(max_epochs=2, logger=False, accelerator="cpu", default_root_dir=tmp_path)
+    module = DistillationModule(
+        student=ModelConfig(**TEST_RESNET),
+        teachers=[ModelConfig(name="test_vit", num_classes=10,
+                              model_kwargs=dict(img_size=32, patch_size=8))],
+        terms=[KD(temperature=2.0)],
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="is corrupted: its tensors do not match"):
+        trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=bad, weights_only=True)
+
+
+# ----------------------------------------------------------------------- resume records
+def test_resume_into_a_new_version_keeps_the_runs_best_checkpoint(tmp_path):
+    """Before: after a resume into a new logger version Lightning forgot the best score, the
+    first validation after the resume became the "best", and test_after_fit tested that
+    instead of the run's best checkpoint."""
+    from visdistill.cli import lightning_main
+
+    cfg = _cli_config(tmp_path)
+    args = ["fit", "--config", cfg, "--trainer.limit_train_batches=1"]
+    main(args)
+    (first_best,) = (tmp_path / "runs").rglob("best.ckpt")
+    last = first_best.parent / "last.ckpt"
+    # The run's best so far scored 1.0 (no later epoch can beat it): edit the record.
+    ckpt = torch.load(last, weights_only=True)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/acc'")]
+    ckpt["callbacks"][key]["best_model_score"] = torch.tensor(1.0)
+    ckpt["callbacks"][key]["best_k_models"] = {str(first_best): torch.tensor(1.0)}
+    del ckpt["visdistill"]["state_sha256"]  # edited on purpose
+    torch.save(ckpt, last)
+    cli = lightning_main([*args, "--ckpt_path", "last", "--trainer.max_epochs", "3"])
+    best = cli.trainer.checkpoint_callback
+    assert best.best_model_path == str(first_best) and float(best.best_model_score) == 1.0
+    assert list((tmp_path / "runs").rglob("best.ckpt")) == [first_best]  # no new "best"
+
+
+def test_resuming_with_other_teachers_names_both(tmp_path):
+    """Before: "trained with other teacher weights ...: a teacher file or zoo entry changed"."""
+    from safetensors.torch import save_file
+
+    from visdistill import resume
+    from visdistill.models import Backbone
+
+    vit = dict(name="test_vit", num_classes=10, model_kwargs=dict(img_size=32, patch_size=8))
+    configs = []
+    for cfg in (TEST_RESNET, vit):
+        path = tmp_path / f"{cfg['name']}.safetensors"
+        save_file(Backbone.from_config(ModelConfig(**cfg)).model.state_dict(), str(path))
+        configs.append(ModelConfig(**cfg, checkpoint=str(path)))
+
+    def build(teacher):
+        return DistillationModule(ModelConfig(**TEST_RESNET), [teacher], [KD()])
+
+    module = build(configs[0])
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    resume.on_save(module, checkpoint)
+    with pytest.raises(
+        CheckpointError,
+        match=r"run\.ckpt: the checkpoint's teachers are \[test_resnet\], the config's "
+        r"\[test_vit\]",
+    ):
+        resume.on_load(build(configs[1]), checkpoint, "run.ckpt")

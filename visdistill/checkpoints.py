@@ -7,13 +7,18 @@ visdistill's own Lightning checkpoints (``student.model.``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +40,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint not found: {path} (resolved: {path.resolve()}); "
             "check the path, or train/export the model first"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
+            "interrupted. Use an earlier copy of the weights"
         )
     try:
         if path.suffix == ".safetensors":
@@ -109,21 +119,93 @@ def load_weights_into(
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash leaves no half file."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk
+    (``fsync``), then rename it onto ``path`` and flush the folder: a crash at any point
+    leaves the previous file or the new one, never a truncated one. (A SIGKILL during
+    ``write`` can leave the hidden ``.NAME.*.tmp`` file, which nothing reads.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing local ``.ckpt`` files with
+    :func:`atomic_write`: temporary file in the checkpoint's own folder, ``fsync``, rename.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file is in the
+    system's temp folder; when that is another file system, the "rename" is a copy, and a
+    kill during it leaves a truncated or empty ``last.ckpt``. :class:`DistillationModule`
+    installs this plugin at fit start when the strategy uses the plain ``TorchCheckpointIO``
+    (pass ``Trainer(plugins=[AtomicCheckpointIO()])`` to set it yourself). Remote paths
+    (``s3://``, ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Make ``trainer`` write its checkpoints with :class:`AtomicCheckpointIO` when its
+    strategy uses Lightning's plain ``TorchCheckpointIO`` (other plugins are left alone)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def state_digest(state: Any) -> str:
+    """sha256 over every tensor in a (nested) checkpoint: its position, dtype, shape and
+    bytes. Other values are left out, so what loading adds or migrates (versions,
+    hyper-parameters) does not change it."""
+    digest = hashlib.sha256()
+    _hash_into(digest, state, "")
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, value: Any, where: str) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        digest.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _hash_into(digest, value[key], f"{where}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _hash_into(digest, item, f"{where}/{i}")
 
 
 def save_safetensors_atomic(
@@ -132,3 +214,38 @@ def save_safetensors_atomic(
     """Write ``state`` as safetensors, atomically."""
     tensors = {k: v.contiguous() for k, v in state.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps the run's best-checkpoint record across a resume that
+    writes to another folder (a new logger version).
+
+    Lightning restores ``best_model_score`` only when the checkpoint folder is unchanged, so
+    after such a resume the first validation became the "best", and ``test_after_fit``
+    tested the best since the resume. Here the score and the best checkpoints (those still
+    on disk) are restored too; a better score later writes ``best.ckpt`` in the new folder,
+    and the old folder's file is left where it is.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written with either class restore into both.
+        key = super().state_key
+        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+        best = state_dict.get("best_model_path")
+        if not moved or not best or not Path(best).is_file():
+            return
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_k_models = {
+            path: score
+            for path, score in state_dict.get("best_k_models", {}).items()
+            if Path(path).is_file()
+        }
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)

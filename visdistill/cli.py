@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import PredictionWriter
+from .checkpoints import ResumableCheckpoint
 from .data.base import VisionDataModule
 from .errors import VisdistillError
 from .module import DistillationModule
@@ -233,10 +234,11 @@ def lightning_main(args: list[str] | None) -> VisdistillCLI:
     """Run a LightningCLI subcommand; ``args=None`` reads ``sys.argv``."""
     # Two callbacks: Lightning 2.6 writes save_last only on epochs that improve the best
     # checkpoint, but resuming needs the latest epoch every time.
-    best = ModelCheckpoint(
+    # ResumableCheckpoint: a resume into a new logger version keeps the run's best.
+    best = ResumableCheckpoint(
         monitor="val/acc", mode="max", filename="best", enable_version_counter=False
     )
-    last = ModelCheckpoint(monitor=None, filename="last", enable_version_counter=False)
+    last = ResumableCheckpoint(monitor=None, filename="last", enable_version_counter=False)
     return VisdistillCLI(
         DistillationModule,
         VisionDataModule,

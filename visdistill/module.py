@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import resume
+from .checkpoints import use_atomic_checkpoint_io
 from .distillers.base import DistillTerm, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
@@ -501,6 +502,7 @@ class DistillationModule(L.LightningModule):
             skipped_steps=self.nonfinite == "skip",
         )
         self._expected_warnings.enter()
+        use_atomic_checkpoint_io(self.trainer)  # .ckpt files: temp file beside, fsync, rename
         self._check_data_classes()
         if self.channels_last and self.device.type == "cuda":
             self.to(memory_format=torch.channels_last)
@@ -538,6 +540,8 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # RNG states (exact resume) in; rebuildable frozen teachers' weights out.
         resume.on_save(self, checkpoint)
+        # The names under which the teachers' metrics were logged (val/<name>_acc).
+        checkpoint["teacher_names"] = self.teacher_names
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer

@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoints import state_digest
 from .errors import CheckpointError, format_keys
 from .teachers import teacher_fingerprint
 
 KEY = "visdistill"
+DIGEST = "state_sha256"
 TEACHER_PREFIX = "teachers."
 
 
@@ -43,6 +45,12 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         raise CheckpointError(
             f"checkpoint not found: {path} (resolved: {path.resolve()}); give the .ckpt of a "
             "`visdistill fit` run, e.g. runs/<name>/checkpoints/last.ckpt, or `last`"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
+            "interrupted. Resume from another checkpoint (--ckpt_path last takes the newest "
+            "usable last.ckpt; best.ckpt is also one)"
         )
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -57,12 +65,30 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         ) from None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from (empty, unreadable, not a Lightning checkpoint,
+    contents not matching the digest stored at save time), or ``None`` when it can."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes): its write was interrupted"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, not a checkpoint, pickled code
+        return f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return "not a Lightning checkpoint (no state_dict)"
+    if not digest_matches(ckpt):
+        return "corrupted: its tensors do not match the sha256 stored when it was written"
+    return None
+
+
 def find_last_checkpoint(trainer: Any) -> str | None:
-    """The newest ``last*.ckpt`` of this run: in the folders of the trainer's
+    """The newest usable ``last*.ckpt`` of this run: in the folders of the trainer's
     ``ModelCheckpoint`` callbacks and, when the logger numbers its versions
     (``version_0``, ``version_1``, ...), in every version's ``checkpoints/``. Lightning's
     own ``ckpt_path="last"`` looks only in the *new* version's folder and starts from
-    scratch."""
+    scratch. Newer files that cannot be used (see :func:`checkpoint_problem`) are skipped
+    with a warning naming each and why; when none is usable, an error lists them."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     folders = {Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"}
@@ -72,8 +98,25 @@ def find_last_checkpoint(trainer: Any) -> str | None:
     logger = trainer.logger
     if logger is not None and getattr(logger, "save_dir", None):
         folders.update(Path(logger.save_dir, logger.name or "").glob("*/checkpoints"))
-    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    found = {p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()}
+    skipped = []
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                warnings.warn(
+                    f"--ckpt_path last: resuming from {path}; skipped newer unusable "
+                    f"checkpoint(s): {'; '.join(skipped)}",
+                    stacklevel=2,
+                )
+            return str(path)
+        skipped.append(f"{path} ({problem})")
+    if skipped:
+        raise CheckpointError(
+            f"--ckpt_path last: no usable last.ckpt: {'; '.join(skipped)}. Resume from another "
+            "checkpoint with --ckpt_path PATH (best.ckpt is one), or start a new run"
+        )
+    return None
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -120,14 +163,39 @@ def on_save(module: Any, checkpoint: dict[str, Any]) -> None:
             del state[key]
         extra["teachers_sha256"] = _fingerprint(module)
     checkpoint[KEY] = extra
+    # Last: a digest of every tensor written (weights, optimizer, RNG), checked at load. The
+    # keys hashed are recorded: what other hooks add after this one is not covered.
+    keys = sorted(str(k) for k in checkpoint)
+    extra[DIGEST] = {"sha256": state_digest({k: checkpoint[k] for k in keys}), "keys": keys}
+
+
+def digest_matches(checkpoint: dict[str, Any]) -> bool:
+    """Whether ``checkpoint``'s tensors are the ones :func:`on_save` hashed (``True`` for
+    checkpoints without a digest: older ones, or not written by visdistill)."""
+    extra = checkpoint.get(KEY)
+    if not isinstance(extra, dict) or not isinstance(extra.get(DIGEST), dict):
+        return True
+    saved = extra[DIGEST]
+    without = {k: v for k, v in extra.items() if k != DIGEST}
+    hashed = {k: without if k == KEY else checkpoint.get(k) for k in saved.get("keys", [])}
+    return state_digest(hashed) == saved.get("sha256")
 
 
 def on_load(module: Any, checkpoint: dict[str, Any], source: str | None = None) -> None:
     """Check that ``checkpoint`` was written by this configuration and restore what
     :func:`on_save` removed; restore the RNG states when ``restore_rng``."""
     source = source or "the checkpoint"
+    if not digest_matches(checkpoint):
+        raise CheckpointError(
+            f"{source} is corrupted: its tensors do not match the sha256 stored when it was "
+            "written (bit flips in storage or a damaged copy). Resume from another checkpoint "
+            "(an older last.ckpt, or best.ckpt)"
+        )
     extra = checkpoint.get(KEY, {})
     state = checkpoint.get("state_dict", {})
+    saved_teachers = checkpoint.get("hyper_parameters", {}).get("teachers")
+    if saved_teachers is not None and module.teachers is not None:
+        _check_same_teachers(saved_teachers, module.hparams["teachers"], source)
     if "teachers_sha256" in extra and module.teachers is not None:
         if extra["teachers_sha256"] != _fingerprint(module):
             raise CheckpointError(
@@ -204,6 +272,17 @@ def _check_fits(module: Any, checkpoint: dict[str, Any], extra: dict, source: st
         + ". Resume with the config the checkpoint was trained with (its hyper-parameters are "
         "in the checkpoint and in the run's config.yaml), or start a new run"
     )
+
+
+def _check_same_teachers(saved: list[Any], now: list[Any], source: str) -> None:
+    """Other teachers (by name) than the checkpoint's: say so, before the weight hash would
+    only say "a teacher file changed". (A moved teacher file with the same weights is fine.)"""
+    names_saved, names_now = _names(saved), _names(now)
+    if names_saved != names_now:
+        raise CheckpointError(
+            f"{source}: the checkpoint's teachers are {names_saved}, the config's {names_now}. "
+            "Resume with the teachers it was trained with (model.teachers), or start a new run"
+        )
 
 
 def _names(value: Any) -> str:
