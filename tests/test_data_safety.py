@@ -118,6 +118,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(fitted_checkpoint, t
 def test_export_refuses_non_finite_weights_and_names_them(fitted_checkpoint, tmp_path):
     """Before: NaN weights and float16 overflows were exported without a word."""
     ckpt = torch.load(fitted_checkpoint, weights_only=True)
+    del ckpt["visdistill"]["state_sha256"]  # as if training had written the NaN itself
     ckpt["state_dict"]["student.model.fc.weight"][0, 0] = float("nan")
     torch.save(ckpt, tmp_path / "nan.ckpt")
     with pytest.raises(
@@ -344,6 +345,8 @@ def test_bit_flips_in_a_checkpoint_file_are_refused(one_run, tmp_path):
     )  # fmt: skip
     with pytest.raises(CheckpointError, match="is corrupted: its tensors do not match"):
         trainer.fit(module, DigitsDataModule(**DATA), ckpt_path=bad, weights_only=True)
+    with pytest.raises(CheckpointError, match="is corrupted: its tensors do not match"):
+        export_student(bad, tmp_path / "export")
 
 
 # ----------------------------------------------------------------------- resume records

@@ -29,6 +29,11 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path.resolve()}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
+            "interrupted. Export another checkpoint of the run"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -37,6 +42,13 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a visdistill Lightning checkpoint (no student hyper-parameters); "
             "`visdistill export` takes the .ckpt files that `visdistill fit` writes"
+        )
+    from .resume import digest_matches
+
+    if not digest_matches(ckpt):
+        raise CheckpointError(
+            f"{path} is corrupted: its tensors do not match the sha256 stored when it was "
+            "written (bit flips in storage or a damaged copy). Export another checkpoint"
         )
     return ckpt
 
