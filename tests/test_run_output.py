@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 
 from visdistill import DigitsDataModule, DistillationModule, ModelConfig
-from visdistill.cli import lightning_main
+from visdistill.cli import lightning_main, main
 from visdistill.errors import ConfigError
 from visdistill.models import short_name
 from visdistill.progress import (
@@ -66,7 +66,7 @@ def _config(tmp_path, **trainer):
     return str(path)
 
 
-def test_cli_fit_in_a_job_log(tmp_path):
+def test_cli_fit_in_a_job_log(tmp_path, capsys):
     """Output captured (a pipe, as in a batch job): one line per epoch, no noise, the
     distiller's summary, the run summary with the export command, summary.json."""
     proc = subprocess.run(
@@ -114,6 +114,15 @@ def test_cli_fit_in_a_job_log(tmp_path):
     assert summary["train_images"] == EPOCHS * 3 * 16 and summary["train_images_per_s"] > 0
     assert summary["best_checkpoint"] == str(best)
     assert summary["export_command"].startswith("visdistill export ")
+    # The checkpoint records the names the teachers' metrics were logged under.
+    assert torch.load(best, weights_only=True)["teacher_names"] == ["convnext", "resnet10t"]
+    # `visdistill test` on that checkpoint: one block with names and percentages, not
+    # Lightning's table of raw fractions.
+    main(["test", "--config", _config(tmp_path), "--ckpt_path", str(best)])
+    printed = capsys.readouterr().out
+    assert f"visdistill test ({best})" in printed
+    assert re.search(r"top-1  student \d+\.\d\d % \| convnext \d+\.\d\d % \| resnet10t ", printed)
+    assert "Test metric" not in printed and "test/convnext_acc" not in printed
 
 
 def test_terminal_keeps_the_rich_bar(tmp_path, monkeypatch):

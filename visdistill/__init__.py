@@ -24,7 +24,9 @@ from .export import export_student
 from .losses import dkd_loss, kd_loss, nd_loss, ofa_loss, soft_cross_entropy
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput, create_backbone
 from .module import DistillationModule
+from .progress import LogLineProgressBar
 from .search import diswot_score
+from .summary import DistillationModelSummary, RunSummary
 from .teachers import Teacher, TeacherEnsemble, ensemble_log_probs, ensemble_probs
 
 __version__ = "0.1.0"
@@ -47,15 +49,18 @@ __all__ = [
     "DataNotFoundError",
     "DigitsDataModule",
     "DistillTerm",
+    "DistillationModelSummary",
     "DistillationModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InputSpec",
+    "LogLineProgressBar",
     "MinibatchCKA",
     "ModelConfig",
     "ModelOutput",
     "NonFiniteLossError",
     "PredictionWriter",
+    "RunSummary",
     "Teacher",
     "TeacherEnsemble",
     "UnknownModelError",

@@ -200,6 +200,10 @@ class RunSummary(Callback):
         self._images += int(image.shape[0]) if image is not None else 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate" and trainer.is_global_zero:  # `visdistill validate`
+            names = getattr(pl_module, "teacher_names", [])
+            scores = _scores(trainer.callback_metrics, "val", names)
+            print(format_scores("validate", scores, trainer.ckpt_path), flush=True)
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get("val/acc")
@@ -231,13 +235,6 @@ class RunSummary(Callback):
         self._write(trainer)
         if trainer.is_global_zero:
             print(self.format(), flush=True)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "validate" and trainer.is_global_zero:
-            scores = _scores(
-                trainer.callback_metrics, "val", getattr(pl_module, "teacher_names", [])
-            )
-            print(format_scores("validate", scores, trainer.ckpt_path), flush=True)
 
     # ------------------------------------------------------------------ the record
     def _fit_record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
