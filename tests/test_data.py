@@ -151,3 +151,34 @@ def test_image_folder_bad_inputs(tmp_path):
     ]
     with pytest.raises(DataNotFoundError, match="cannot read image .*9.png"):
         dm.train_set[broken[0]]
+
+
+def test_train_subset_larger_than_the_data_warns(tmp_path):
+    from visdistill.data.base import split_indices
+
+    with pytest.warns(UserWarning, match="train_subset=500 is larger than the 90 training"):
+        train, _ = split_indices(100, 10, seed=0, train_subset=500)
+    assert len(train) == 90
+    _make_folder(tmp_path / "train")
+    _make_folder(tmp_path / "val", 1)
+    dm = ImageFolderDataModule(
+        train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), train_subset=50
+    )
+    with pytest.warns(UserWarning, match="train_subset=50 is larger than the 8"):
+        dm.setup("fit")
+
+
+def test_16_bit_pngs_scale_by_their_bit_depth(tmp_path):
+    # Before: PIL's convert("RGB") clipped at 255, so 1000 and 30000 were both white.
+    import numpy as np
+
+    for c, value in (("dark", 1000), ("bright", 30000)):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.full((16, 16), value, dtype=np.uint16)).save(tmp_path / c / "0.png")
+    dm = ImageFolderDataModule(train_dir=str(tmp_path), val_split=0, augment=False, image_size=8)
+    dm.setup("fit")
+    for i in range(2):
+        sample = dm.train_set[i]
+        value = 1000 if sample["target"] == dm.train_set.folder.class_to_idx["dark"] else 30000
+        expected = round(value * 255 / 65535) / 255
+        assert torch.allclose(sample["image"], torch.full((3, 8, 8), expected), atol=1e-6)

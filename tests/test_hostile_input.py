@@ -81,3 +81,67 @@ def test_config_is_valid_yaml_but_not_a_mapping(tmp_path, capsys):
     path.write_text(yaml.safe_dump([1, 2]))
     err = _run(["fit", "--config", str(path)], capsys)
     assert "error" in err.lower()
+
+
+def _one_line(err):
+    """The error line, after at most one "Seed set to 0" line."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("Seed set to")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.init_args.batch_size", "0"], "batch_size must be positive, got 0"),
+        (["--data.init_args.image_size", "0"], "image_size must be a positive side"),
+        (["--data.init_args.val_split", "-0.1"], "val_split must be >= 0"),
+        (
+            ["--model.terms", '[{"class_path": "visdistill.KD", "init_args": {"temperature": 0}}]'],
+            "KD temperature must be > 0, got 0.0",
+        ),
+    ],
+    ids=["batch_size", "image_size", "val_split", "temperature"],
+)
+def test_bad_values_checked_while_instantiating_are_one_line(tmp_path, capsys, args, message):
+    # Before: batch_size and temperature gave jsonargparse's ~75-line "does not validate against
+    # any of the Union subtypes" traceback, image_size 0 a torch interpolate traceback, and
+    # val_split -0.1 "leaves no training data".
+    err = _run(["fit", "--config", _write(tmp_path, CONFIG), *args], capsys)
+    assert message in _one_line(err) and _one_line(err).startswith("visdistill fit: error:")
+
+
+def test_an_empty_class_folder_is_one_line_naming_it(tmp_path, capsys):
+    from PIL import Image
+
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "fox" / f"{i}.png")
+    data = {
+        "class_path": "visdistill.ImageFolderDataModule",
+        "init_args": {"train_dir": str(tmp_path / "train"), "batch_size": 2},
+    }
+    err = _run(["fit", "--config", _write(tmp_path, {**CONFIG, "data": data})], capsys)
+    assert "class folder(s) ['dog'] in" in _one_line(err) and "hold no images" in err
+
+
+def test_duplicate_yaml_keys_are_refused_with_the_key_and_line(tmp_path, capsys):
+    # Before: PyYAML and jsonargparse kept the last value silently.
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "model:\n  student: {name: resnet10t, num_classes: 10}\n  ce_weight: 1.0\n"
+        "  ce_weight: 0.0\n"
+    )
+    err = _run(["fit", "--config", str(path)], capsys)
+    assert (
+        f"{path}: line 4, column 3: invalid YAML: duplicate key 'ce_weight' (first at line 3)"
+        in (_one_line(err))
+    )
+    # YAML merge keys override on purpose: not duplicates.
+    ok = tmp_path / "merge.yaml"
+    ok.write_text("base: &b {lr: 1}\nx:\n  <<: *b\n  lr: 2\n")
+    from visdistill.cli import check_config_files
+
+    check_config_files(["--config", str(ok)])

@@ -325,6 +325,35 @@ def export_main(args: list[str]) -> None:
     print(f"exported student to {out}/model.safetensors and {out}/config.json")
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a mapping holding the same key twice (PyYAML and
+    jsonargparse keep the last one silently: a pasted ``lr`` line overrides the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base": keys given next to it override the base's
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"duplicate key {key!r} (first at line {first[key]})",
+                            key_node.start_mark,
+                        )
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                first[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def check_config_files(args: list[str]) -> None:
     """Read every ``--config``/``-c`` YAML file first, so a missing or malformed file is one
     line naming the file (jsonargparse reports ``<unicode string>`` after its usage text)."""
@@ -345,7 +374,7 @@ def check_config_files(args: list[str]) -> None:
         if not path.is_file():
             raise ConfigError(f"config file not found: {value} (resolved: {path.resolve()})")
         try:
-            yaml.safe_load(path.read_text())
+            yaml.load(path.read_text(), Loader=_unique_key_loader())  # noqa: S506 (SafeLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -387,10 +416,28 @@ def _run_command(command: str, rest: list[str], args: list[str] | None) -> None:
         else:
             print(f"visdistill: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
             raise SystemExit(2)
-    except VisdistillError as e:
+    except Exception as e:
         # Our errors already say what is wrong and how to fix it: no traceback needed.
-        print(f"visdistill {command}: error: {e}", file=sys.stderr)
+        error = visdistill_error_in(e)
+        if error is None:
+            raise
+        print(f"visdistill {command}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def visdistill_error_in(exc: BaseException) -> VisdistillError | None:
+    """``exc`` if it is a :class:`VisdistillError`, else the first one it was raised from
+    (its ``__cause__``/``__context__`` chain), else ``None``. jsonargparse wraps an error
+    raised while it instantiates a class (a data module's ``batch_size`` check, a term's
+    temperature check) in 70 lines of "does not validate against any of the Union subtypes"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, VisdistillError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ model selection never looks at the test set.
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,10 @@ def split_indices(
             out for validation.
         train_subset: keep only this many training samples (fast runs).
     """
+    if val_split < 0:
+        raise ConfigError(
+            f"val_split must be >= 0 (a fraction below 1 or a count of samples), got {val_split}"
+        )
     n_val = int(round(val_split * n)) if val_split < 1 else int(val_split)
     if not 0 <= n_val < n:
         raise ConfigError(f"val_split={val_split} leaves no training data out of {n} samples")
@@ -42,8 +48,20 @@ def split_indices(
     if train_subset is not None:
         if train_subset <= 0:
             raise ConfigError(f"train_subset must be positive, got {train_subset}")
+        warn_large_subset(train_subset, len(train_idx))
         train_idx = train_idx[:train_subset]
     return train_idx.sort().values, val_idx.sort().values
+
+
+def warn_large_subset(train_subset: int, available: int) -> None:
+    """Warn when ``train_subset`` asks for more training samples than there are."""
+    if train_subset > available:
+        warnings.warn(
+            f"train_subset={train_subset} is larger than the {available} training samples "
+            f"available (after the validation carve-out); training on all {available}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def subset(n: int, limit: int | None, seed: int) -> Tensor:
@@ -118,6 +136,15 @@ class VisionDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if image_size <= 0:
+            raise ConfigError(f"image_size must be a positive side in pixels, got {image_size}")
+        if val_split < 0:
+            raise ConfigError(
+                f"val_split must be >= 0 (a fraction below 1 or a count of samples), got "
+                f"{val_split}"
+            )
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size, self.augment = image_size, augment
         self.val_split, self.train_subset, self.test_subset = val_split, train_subset, test_subset

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ..errors import DataNotFoundError
-from .base import VisionDataModule, split_indices, subset
+from .base import VisionDataModule, split_indices, subset, warn_large_subset
 
 
 class _IndexedFolder(Dataset):
@@ -39,12 +42,46 @@ class _IndexedFolder(Dataset):
         }
 
 
+def load_image(path: str) -> Image.Image:
+    """An RGB PIL image, 8 bits per channel. 16-bit grayscale PNG/TIFF (PIL modes ``I;16*``
+    and ``I``) and float images (``F``, taken as ``[0, 1]``) are scaled by their bit depth;
+    PIL's own ``convert("RGB")`` clips them at 255, so 1000 and 30000 both became white."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "I" or values.max(initial=0) <= 65535 else 2.0**32 - 1
+        image = Image.fromarray(np.rint(values.clip(0, top) * (255.0 / top)).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64).clip(0.0, 1.0)
+        image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _empty_class_folders(path: Path) -> list[str]:
+    """Class sub-folders of ``path`` with no file ImageFolder would read."""
+    return [
+        d.name
+        for d in sorted(path.iterdir())
+        if d.is_dir()
+        and not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in d.rglob("*"))
+    ]
+
+
 def _open_folder(path: Path, role: str) -> ImageFolder:
     if not path.is_dir():
         raise DataNotFoundError(f"{role} directory not found: {path.resolve()}")
     try:
-        return ImageFolder(str(path))
+        return ImageFolder(str(path), loader=load_image)
     except FileNotFoundError as e:
+        empty = _empty_class_folders(path)
+        classes = [d for d in path.iterdir() if d.is_dir()]
+        if empty and len(empty) < len(classes):
+            raise DataNotFoundError(
+                f"{role} class folder(s) {empty} in {path.resolve()} hold no images "
+                f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)"
+            ) from e
         raise DataNotFoundError(
             f"{role} directory {path.resolve()} holds no images in class sub-folders "
             f"(expected {path}/<class>/<image>.jpg): {e}"
@@ -90,6 +127,8 @@ class ImageFolderDataModule(VisionDataModule):
                     raise DataNotFoundError(
                         f"val_dir classes {val.classes} differ from train_dir classes {train.classes}"
                     )
+                if self.train_subset is not None:
+                    warn_large_subset(self.train_subset, len(train))
                 train_idx = subset(len(train), self.train_subset, self.seed)
                 val_idx, val_src = torch.arange(len(val)), val
             else:
