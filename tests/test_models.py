@@ -144,3 +144,23 @@ def test_fixed_size_follows_img_size_kwargs_and_dynamic_sizes_stay_free():
     assert dynamic.input_spec.size is None
     assert Backbone(**CNN).input_spec.size is None
     assert Backbone("test_vit", num_classes=10).input_spec.size is None  # strict_img_size=False
+
+
+def test_export_records_a_fixed_size_without_patch_embed(tmp_path):
+    # Before: config.json said fixed_input_size false for MLP-Mixer (it has a stem, no patch_embed).
+    import json
+
+    import lightning as L
+
+    from visdistill import DigitsDataModule, DistillationModule, ModelConfig, export_student
+
+    module = DistillationModule(student=ModelConfig(**MLP))
+    trainer = L.Trainer(
+        fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    out = export_student(tmp_path / "m.ckpt", tmp_path / "export")
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["fixed_input_size"] is True and cfg["input_size"] == [3, 32, 32]

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import atomic_write, save_safetensors_atomic
 from .errors import CheckpointError, format_keys
-from .models import Backbone, ModelConfig
+from .models import Backbone, ModelConfig, fixed_input_size
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,7 +103,7 @@ def export_student(
         size = (side, side)
     pretrained_cfg = {
         "input_size": [spec.in_chans, *size],
-        "fixed_input_size": hasattr(student.model, "patch_embed"),
+        "fixed_input_size": fixed_input_size(student.model, student.arch_kwargs) is not None,
         "interpolation": spec.interpolation,
         "crop_pct": 1.0,
         "crop_mode": "center",
