@@ -6,13 +6,18 @@ Each test failed on the code before its fix (noted per test)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from test_hostile_input import _run
-from test_resume import _cli_config
+from test_resume import _cli_config, _student
 
 from visdistill import KD, DigitsDataModule, DistillationModule, ModelConfig
 from visdistill.cli import main
@@ -149,11 +154,12 @@ def test_evaluation_of_the_untrained_student_on_purpose(tmp_path):
 
 
 # ----------------------------------------------------------------------- run folders
-def _fixed_folder_config(root, name="r.yaml", **trainer):
+def _fixed_folder_config(root, name="r.yaml", data=None, **trainer):
     """The tiny CLI config with the shipped configs' logger: one fixed folder, runs/tiny."""
     import yaml
 
     config = yaml.safe_load(Path(_cli_config(root)).read_text())
+    config["data"]["init_args"].update(data or {})
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(root / "runs"), "name": "tiny", "version": ""},
@@ -400,3 +406,140 @@ def test_resuming_with_other_teachers_names_both(tmp_path):
         r"\[test_vit\]",
     ):
         resume.on_load(build(configs[1]), checkpoint, "run.ckpt")
+
+
+# ----------------------------------------------------------------------- crash safety
+class SigkillAt(Callback):
+    """SIGKILLs its own process at the ``n``-th event ``phase`` of this process: a training
+    batch start, inside a step (after backward, before the update) or a validation batch."""
+
+    def __init__(self, phase: str, n: int) -> None:
+        self.phase, self.n, self.seen = phase, n, 0
+
+    def _tick(self, phase: str) -> None:
+        if phase == self.phase:
+            self.seen += 1
+            if self.seen == self.n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_start(self, *args) -> None:
+        self._tick("batch_start")
+
+    def on_before_optimizer_step(self, *args) -> None:
+        self._tick("step")
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if not trainer.sanity_checking:
+            self._tick("validation")
+
+
+def _fit_child(args: list[str], phase: str | None, n: int) -> None:
+    """A forked process running `visdistill fit`; checkpoint-write kills patch torch.save:
+    killed with half the temporary file written, or with all of it before the rename."""
+    try:
+        torch.set_num_threads(1)
+        if phase in ("mid_write", "before_rename"):
+            real, count = torch.save, [0]
+
+            def save(obj, f, *a, **kw):
+                if isinstance(f, (str, os.PathLike)) and str(f).endswith(".tmp"):
+                    count[0] += 1
+                    if count[0] == n:
+                        real(obj, f, *a, **kw)
+                        if phase == "mid_write":
+                            os.truncate(f, os.path.getsize(f) // 2)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return real(obj, f, *a, **kw)
+
+            torch.save = save
+        elif phase is not None:
+            args = [*args, "--trainer.callbacks+=test_data_safety.SigkillAt",
+                    f"--trainer.callbacks.phase={phase}", f"--trainer.callbacks.n={n}"]  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main(args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _run_child(args: list[str], phase: str | None = None, n: int = 0) -> int:
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_fit_child, args=(args, phase, n))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def _crash_args(root: Path, data: dict | None) -> list[str]:
+    """`fit` of 3 epochs of 3 steps, last.ckpt every step, always `--ckpt_path last`."""
+    limit = None if data else 3  # whole epochs of 48 images, or the first 3 batches of each
+    cfg = _fixed_folder_config(root, data=data, limit_train_batches=limit, max_epochs=3)
+    return ["fit", "--config", cfg, "--checkpoint_every_n_steps=1", "--ckpt_path=last"]
+
+
+def _reference(tmp_path: Path, args) -> dict[str, torch.Tensor]:
+    (tmp_path / "ref").mkdir()
+    assert _run_child(args(tmp_path / "ref")) == 0
+    return _student(tmp_path / "ref" / "runs" / "tiny" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("data", "kills"),
+    [(None, [("validation", 1)]), (DATA, [("validation", 2), ("batch_start", 2)])],
+    ids=["limit_train_batches", "second_resume"],
+)
+def test_resume_from_a_checkpoint_after_an_epochs_last_batch_is_exact(tmp_path, data, kills):
+    """Before: (limit_train_batches) the loader skipped the next epoch's first batches; (a
+    second resume) Lightning 2.6 left the epoch after such a resume unmarked as started, so
+    its checkpoints resumed as "epoch finished" and replayed it. Both ended with other
+    weights than the uninterrupted run's."""
+    args = functools.partial(_crash_args, data=data)
+    reference = _reference(tmp_path, args)
+    root = tmp_path / "killed"
+    root.mkdir()
+    for phase, n in kills:
+        assert _run_child(args(root), phase, n) == -signal.SIGKILL
+    assert _run_child(args(root)) == 0
+    final = _student(root / "runs" / "tiny" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    """SIGKILL at >= 20 random points (batch starts, inside steps, validation, halfway
+    through a checkpoint's temporary file, before its rename), `fit --ckpt_path last` after
+    each: every last.ckpt left behind is usable, and the final student equals an
+    uninterrupted run's, bit for bit. (Measured: see the README's Errors section.)"""
+    import random
+
+    from visdistill.resume import checkpoint_problem
+
+    args = functools.partial(_crash_args, data=None)  # 3 epochs of 3 (limited) steps
+    reference = _reference(tmp_path, args)
+    rng = random.Random(16)
+    phases = ["batch_start", "step", "validation", "mid_write", "before_rename"]
+    kills, rounds, log = 0, 0, []
+    while kills < 20:
+        rounds += 1
+        root = tmp_path / f"round{rounds}"
+        root.mkdir()
+        folder = root / "runs" / "tiny" / "checkpoints"
+        while True:
+            phase, n = rng.choice(phases), rng.randint(1, 2)
+            code = _run_child(args(root), phase, n)
+            log.append((rounds, phase, n, code))
+            if code == 0:
+                break
+            assert code == -signal.SIGKILL, log
+            kills += 1
+            unusable = {p: checkpoint_problem(p) for p in folder.glob("last*.ckpt")}
+            assert not any(unusable.values()), (log, unusable)
+        final = _student(folder / "last.ckpt")
+        assert final.keys() == reference.keys(), log
+        assert all(torch.equal(final[k], reference[k]) for k in final), log
+    print(f"{kills} kills in {rounds} round(s): {log}")

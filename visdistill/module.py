@@ -407,6 +407,10 @@ class DistillationModule(L.LightningModule):
                 return
         super().lr_scheduler_step(scheduler, metric)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A Lightning 2.6 restart bug would make this epoch's checkpoints resume wrongly.
+        resume.repair_epoch_progress(self.trainer)
+
     def on_train_end(self) -> None:
         if self._steps_skipped:
             from lightning.pytorch.utilities import rank_zero_warn

@@ -72,10 +72,18 @@ def previous_run_files(trainer: Any) -> list[Path]:
     return sorted(set(found))
 
 
-def prepare_run_folder(trainer: Any, mode: str, ckpt_path: str | None) -> RunFolderLock | None:
+def prepare_run_folder(
+    trainer: Any, mode: str, ckpt_path: str | None, requested: str | None = None
+) -> RunFolderLock | None:
     """Check the run folder before any work and lock it; returns the lock (a callback that
     releases it when the fit ends), or ``None`` on ranks other than 0 and with
-    ``fast_dev_run`` (which writes nothing)."""
+    ``fast_dev_run`` (which writes nothing).
+
+    Args:
+        ckpt_path: the checkpoint the fit resumes from (resolved), or ``None``.
+        requested: the ``--ckpt_path`` as given. ``last`` that found no checkpoint accepts a
+            folder holding only logs: a run killed before its first checkpoint, restarted.
+    """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
     if mode not in MODES:
@@ -87,6 +95,8 @@ def prepare_run_folder(trainer: Any, mode: str, ckpt_path: str | None) -> RunFol
     occupied = previous_run_files(trainer)
     if occupied and ckpt_path and _resumes_from(trainer, ckpt_path):
         occupied = []  # the same run, continued
+    if requested == "last" and not any(p.suffix == ".ckpt" for p in occupied):
+        occupied = []  # the same run, killed before its first checkpoint
     if occupied:
         folder = run_dir(trainer)
         names = ", ".join(p.name for p in occupied[:4]) + (", ..." if len(occupied) > 4 else "")
