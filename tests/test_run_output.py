@@ -25,6 +25,7 @@ from visdistill.progress import (
     format_duration,
     format_metric,
     make_progress_bar,
+    percent_accuracies,
 )
 from visdistill.quiet import ExpectedWarnings, quiet_dependencies
 from visdistill.summary import RunSummary, count_flops, format_count
@@ -133,6 +134,10 @@ def test_terminal_keeps_the_rich_bar(tmp_path, monkeypatch):
     assert isinstance(make_progress_bar("bar"), RichProgressBar)
     with pytest.raises(ConfigError, match="progress must be"):
         make_progress_bar("fancy")
+    shown = percent_accuracies(
+        {"train/loss": torch.tensor(1.5), "val/acc": torch.tensor(0.7751), "v_num": 3}
+    )
+    assert shown == {"train/loss": 1.5, "val/acc": "77.51 %", "v_num": 3}
     # Through the CLI, `--progress bar` trains with the rich bar.
     cli = lightning_main(["fit", "--config", _config(tmp_path, max_epochs=1), "--progress", "bar"])
     assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)

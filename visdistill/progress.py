@@ -223,13 +223,32 @@ def _batch_size(batch: Any) -> int:
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else 0
 
 
+def percent_accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Progress-bar metrics with accuracies as ``"77.51 %"`` strings (:func:`format_metric`);
+    other values unchanged."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        is_acc = "acc" in key.rsplit("/", 1)[-1]
+        out[key] = format_metric(key, value) if is_acc and isinstance(value, float) else value
+    return out
+
+
+class DistillRichProgressBar(RichProgressBar):
+    """Lightning's rich bar (for terminals), with accuracies shown as percentages."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return percent_accuracies(super().get_metrics(trainer, pl_module))
+
+
 def make_progress_bar(
     mode: ProgressMode = "auto",
     every_n_steps: int | None = None,
     every_minutes: float | None = 2.0,
 ) -> ProgressBar:
     """The progress bar for a run: ``"lines"`` (:class:`LogLineProgressBar`), ``"bar"``
-    (Lightning's rich bar, tqdm without rich), or ``"auto"``: lines when stdout is not a
+    (Lightning's rich bar with accuracies in percent, tqdm without rich), or ``"auto"``: lines when stdout is not a
     terminal (a job log, a pipe), the bar in a terminal."""
     if mode not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress must be 'auto', 'bar' or 'lines', got {mode!r}")
@@ -237,4 +256,4 @@ def make_progress_bar(
         mode = "bar" if sys.stdout.isatty() else "lines"
     if mode == "lines":
         return LogLineProgressBar(every_n_steps=every_n_steps, every_minutes=every_minutes)
-    return RichProgressBar() if _RICH_AVAILABLE else TQDMProgressBar()
+    return DistillRichProgressBar() if _RICH_AVAILABLE else TQDMProgressBar()

@@ -183,6 +183,7 @@ class RunSummary(Callback):
         self._t0 = self._fit_s = self._test_t0 = None
         self._images = 0
         self._fitted = False
+        self._pending: str | None = None  # text printed at teardown
 
     # Best val/acc and its epoch survive a resume (Lightning saves callback state).
     def state_dict(self) -> dict[str, Any]:
@@ -200,10 +201,10 @@ class RunSummary(Callback):
         self._images += int(image.shape[0]) if image is not None else 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "validate" and trainer.is_global_zero:  # `visdistill validate`
+        if trainer.state.fn == "validate":  # `visdistill validate`
             names = getattr(pl_module, "teacher_names", [])
             scores = _scores(trainer.callback_metrics, "val", names)
-            print(format_scores("validate", scores, trainer.ckpt_path), flush=True)
+            self._pending = format_scores("validate", scores, trainer.ckpt_path)
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get("val/acc")
@@ -215,8 +216,8 @@ class RunSummary(Callback):
         self._fitted = True
         self.record = self._fit_record(trainer, pl_module)
         self._write(trainer)
-        if not self.report_after_test and trainer.is_global_zero:
-            print(self.format(), flush=True)
+        if not self.report_after_test:
+            self._pending = self.format()
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._test_t0 = time.monotonic()
@@ -225,16 +226,21 @@ class RunSummary(Callback):
         test_s = time.monotonic() - (self._test_t0 or time.monotonic())
         scores = _scores(trainer.callback_metrics, "test", getattr(pl_module, "teacher_names", []))
         if not self._fitted:  # `visdistill test`: the results alone
-            if trainer.is_global_zero:
-                print(format_scores("test", scores, trainer.ckpt_path), flush=True)
+            self._pending = format_scores("test", scores, trainer.ckpt_path)
             return
         self.record["test"] = scores
         self.record["test_s"] = round(test_s, 2)
         self.record["wall_s"] = round(time.monotonic() - self._t0, 2)
         self.record.update(_gap(scores))
         self._write(trainer)
-        if trainer.is_global_zero:
-            print(self.format(), flush=True)
+        self._pending = self.format()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # Printed here, after the progress bar's own teardown has closed a live rich display
+        # (the CLI puts the bar before this callback), so the two never interleave.
+        if self._pending is not None and trainer.is_global_zero:
+            print(self._pending, flush=True)
+        self._pending = None
 
     # ------------------------------------------------------------------ the record
     def _fit_record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
