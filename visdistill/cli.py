@@ -98,13 +98,6 @@ class VisdistillCLI(LightningCLI):
             help="with plain-line progress: also a line when this many minutes passed since "
             "the last (0 or null: off)",
         )
-        try:
-            parser.get_default("verbose")
-        except KeyError:  # fit and predict have no `verbose`
-            pass
-        else:
-            # RunSummary prints the results with teacher names and percentages.
-            parser.set_defaults(verbose=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with visdistill's progress display, model summary and run summary
@@ -149,7 +142,10 @@ class VisdistillCLI(LightningCLI):
         self._resolve_ckpt_path()
         config = self.config[self.subcommand]
         lock = prepare_run_folder(
-            self.trainer, config.get("run_folder", "refuse"), self.config_init["fit"]["ckpt_path"]
+            self.trainer,
+            config.get("run_folder", "refuse"),
+            self.config_init["fit"]["ckpt_path"],
+            requested=config.get("ckpt_path"),
         )
         if lock is not None:  # released when the fit ends, however it ends
             self.trainer.callbacks.append(lock)
@@ -165,11 +161,18 @@ class VisdistillCLI(LightningCLI):
                 )
             )
 
+    def _quiet_lightning_results(self) -> None:
+        # RunSummary prints the results with teacher names and percentages instead of
+        # Lightning's table of raw fractions.
+        self.config_init[self.subcommand]["verbose"] = False
+
     def before_validate(self) -> None:
+        self._quiet_lightning_results()
         self._require_trained_student()
         self._resolve_ckpt_path()
 
     def before_test(self) -> None:
+        self._quiet_lightning_results()
         self._require_trained_student()
         self._resolve_ckpt_path()
 
