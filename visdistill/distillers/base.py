@@ -37,7 +37,7 @@ class DistillTerm(nn.Module):
     them. ``forward`` returns named, *unweighted* losses; the module adds
     ``weight * sum(values)`` to the total and logs each under ``<name>/<key>``.
 
-    Per-sample teacher weights (``shared/methods/multi-teacher.md`` §4) are how
+    Per-sample teacher weights are how
     multi-teacher methods compose with any other term: a term that sets
     ``provides_teacher_weights = True`` returns a ``(B, M)`` matrix (rows sum to 1) from
     :meth:`teacher_weights`; the module computes it first and passes it to *every*

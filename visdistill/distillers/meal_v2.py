@@ -74,7 +74,7 @@ class MEALV2(DistillTerm):
     (T = 1, per-sample teacher weights when another term provides them) plus the output
     discriminator.
 
-    Modes (``shared/methods/multi-teacher.md`` §1.5):
+    Modes:
 
     - ``"joint"`` (official): the discriminator's BCE is *minimised* by the student and the
       discriminator together, with the one optimizer; in effect a regulariser.
@@ -95,7 +95,7 @@ class MEALV2(DistillTerm):
             (its own param group, kept by schedulers). Official code: intended 1e-4 against
             the student's 0.01, but overwritten each epoch (its issue #9), so 1 reproduces
             it; a re-implementer found ``grl`` diverges with cosine schedules unless it is
-            low (spec §1.11).
+            low.
         disc_min_hidden: smallest hidden width of the discriminator (our guard for small
             ``C``; the official rule gives 0 below 64 classes).
         disc_reduction: ``K`` of the discriminator's widths ``C -> C//K -> C//K^2 -> 2``

@@ -1,6 +1,6 @@
 """Math shared by the multi-teacher methods (MEAL V2, UNIC, MST-style routing):
-per-sample teacher weights, feature-matching and load-balancing losses.
-Spec: ``shared/methods/multi-teacher.md`` §1-§4."""
+per-sample teacher weights, feature-matching and load-balancing losses (method notes:
+``docs/multi_teacher.md``)."""
 
 from __future__ import annotations
 

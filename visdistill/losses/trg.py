@@ -1,8 +1,7 @@
 """Token-level relationship graph losses (Zhang, Liu, He, "Knowledge Distillation via
 Token-level Relationship Graph", arXiv 2306.12442).
 
-No official code exists; the spec (``shared/methods/projectors-and-search.md`` §3) is
-partly UNVERIFIED. Our choices, each kept because it makes the loss exactly zero when
+No official code exists, and parts of the paper's description are ambiguous. Our choices, each kept because it makes the loss exactly zero when
 the student reproduces the teacher (and well-posed on images with many identical
 background tokens, such as Fashion-MNIST):
 

@@ -4,7 +4,7 @@ Regularised evolution (Real et al., AAAI 2019), as DisWOT's NAS-Bench-201 search
 a population of ``population`` members; each cycle samples ``sample`` of them, picks the
 parent at random among the **best** ``parent_top_k`` of the sample, adds its mutated (or,
 where the space allows, crossed-over) child and removes the oldest member. The official
-script sorts the sample ascending and so breeds from the *worst* five (spec §5.7); here
+script sorts the sample ascending and so breeds from the *worst* five; here
 the sample is sorted by score, highest first.
 
 Everything random draws from one ``random.Random(seed)``, and score functions are called

@@ -1,7 +1,8 @@
 """The DisWOT score of a student for a teacher, at random initialisation.
 
 Dong, Li, Wei, "DisWOT: Student Architecture Search for Distillation WithOut Training",
-CVPR 2023 (arXiv 2303.15678); spec: ``shared/methods/projectors-and-search.md`` §5.
+CVPR 2023 (arXiv 2303.15678). README section "Student search: DisWOT" says where we
+differ from the official code.
 
 One labelled batch goes through the teacher and the candidate (copies, re-initialised):
 
