@@ -52,10 +52,11 @@ def test_cache_out_never_deletes_a_folder_that_is_not_a_cache(tmp_path, capsys):
     (runs / "quickstart").mkdir(parents=True)
     (runs / "quickstart" / "best.ckpt").write_bytes(b"weeks of GPU time")
     cfg = _cli_config(tmp_path)
-    err = _run(["cache", "--config", cfg, "--out", str(runs), "--overwrite"], capsys)
-    assert f"--out {runs} is a non-empty folder that is not a visdistill teacher cache" in err
-    assert (runs / "quickstart" / "best.ckpt").read_bytes() == b"weeks of GPU time"
-    assert len(err.strip().splitlines()) == 1
+    for overwrite in ([], ["--overwrite"]):  # --overwrite replaces caches only
+        err = _run(["cache", "--config", cfg, "--out", str(runs), *overwrite], capsys)
+        assert (runs / "quickstart" / "best.ckpt").read_bytes() == b"weeks of GPU time"
+        assert f"--out {runs} is a non-empty folder that is not a visdistill teacher cache" in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_cache_overwrite_replaces_only_the_caches_own_files(tmp_path):
@@ -123,7 +124,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(fitted_checkpoint, t
 def test_export_refuses_non_finite_weights_and_names_them(fitted_checkpoint, tmp_path):
     """Before: NaN weights and float16 overflows were exported without a word."""
     ckpt = torch.load(fitted_checkpoint, weights_only=True)
-    del ckpt["visdistill"]["state_sha256"]  # as if training had written the NaN itself
+    ckpt["visdistill"].pop("state_sha256", None)  # as if training had written the NaN
     ckpt["state_dict"]["student.model.fc.weight"][0, 0] = float("nan")
     torch.save(ckpt, tmp_path / "nan.ckpt")
     with pytest.raises(
@@ -372,7 +373,7 @@ def test_resume_into_a_new_version_keeps_the_runs_best_checkpoint(tmp_path):
     (key,) = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/acc'")]
     ckpt["callbacks"][key]["best_model_score"] = torch.tensor(1.0)
     ckpt["callbacks"][key]["best_k_models"] = {str(first_best): torch.tensor(1.0)}
-    del ckpt["visdistill"]["state_sha256"]  # edited on purpose
+    ckpt["visdistill"].pop("state_sha256", None)  # edited on purpose
     torch.save(ckpt, last)
     cli = lightning_main([*args, "--ckpt_path", "last", "--trainer.max_epochs", "3"])
     best = cli.trainer.checkpoint_callback
