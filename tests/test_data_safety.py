@@ -222,8 +222,14 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_p
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    # What a kill during a checkpoint write leaves (and a file of the user's).
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / ".last.ckpt.k2j4_x9a.tmp").write_bytes(b"half a checkpoint")
+    (folder / "checkpoints" / ".mine.tmp").write_text("not ours")
     main(["fit", "--config", cfg])  # the killed run's lock is stale: taken over
     assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert not (folder / "checkpoints" / ".last.ckpt.k2j4_x9a.tmp").exists()
+    assert (folder / "checkpoints" / ".mine.tmp").read_text() == "not ours"
     assert (folder / ".visdistill.lock").read_text() == ""  # released at the end
 
 
@@ -540,6 +546,7 @@ def test_sigkill_at_random_points_then_resume_ends_with_the_uninterrupted_weight
             kills += 1
             unusable = {p: checkpoint_problem(p) for p in folder.glob("last*.ckpt")}
             assert not any(unusable.values()), (log, unusable)
+        assert not list(folder.glob(".*.tmp"))  # a killed write's temporary is removed
         final = _student(folder / "last.ckpt")
         assert final.keys() == reference.keys(), log
         assert all(torch.equal(final[k], reference[k]) for k in final), log

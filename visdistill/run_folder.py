@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -119,7 +120,30 @@ def prepare_run_folder(
     folders += [d for d in checkpoint_dirs(trainer) if folders[0] not in d.parents]
     lock = RunFolderLock(folders)
     lock.acquire()
+    _remove_orphaned_temporaries(checkpoint_dirs(trainer))
     return lock
+
+
+# AtomicCheckpointIO's temporary files: ".last.ckpt.k2j4_x9a.tmp" (tempfile.mkstemp).
+_TEMPORARY = re.compile(r"\..+\.ckpt\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def _remove_orphaned_temporaries(folders: list[Path]) -> None:
+    """Delete the temporary checkpoint files a killed run left (with the lock held, no run
+    is writing them); only files of AtomicCheckpointIO's naming are touched."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    removed = [
+        p for d in folders if d.is_dir() for p in d.iterdir()
+        if p.is_file() and _TEMPORARY.fullmatch(p.name)
+    ]  # fmt: skip
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        rank_zero_info(
+            f"removed {len(removed)} temporary checkpoint file(s) a killed run left in "
+            f"{removed[0].parent}"
+        )
 
 
 def _resumes_from(trainer: Any, ckpt_path: str) -> bool:
