@@ -53,7 +53,7 @@ def checkpoint_dirs(trainer: Any) -> list[Path]:
             save_dir = logger.save_dir or trainer.default_root_dir
             version = logger.version
             version = version if isinstance(version, str) else f"version_{version}"
-            folders.append(Path(save_dir, str(logger.name or ""), version, "checkpoints"))
+            folders.append(Path(save_dir, str(logger.name), version, "checkpoints"))
         else:
             folders.append(Path(trainer.default_root_dir, "checkpoints"))
     return list(dict.fromkeys(folders))
