@@ -307,7 +307,7 @@ class RunSummary(Callback):
         if r.get("test_s") is not None:
             timing += f" (fit {format_duration(r['fit_s'])}, test {format_duration(r['test_s'])})"
         if r.get("train_images_per_s"):
-            timing += f"; {r['train_images']} training images, {r['train_images_per_s']:.0f} img/s over the fit"
+            timing += f"; {r['train_images']:,} training images, {r['train_images_per_s']:.0f} img/s over the fit"
         lines.append(timing)
         if r.get("nonfinite_steps"):
             lines.append(f"  skipped steps   {r['nonfinite_steps']} (non-finite loss)")
