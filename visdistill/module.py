@@ -523,7 +523,7 @@ class DistillationModule(L.LightningModule):
             if self.needs_pooled and not cache.manifest["pooled"]:
                 raise ConfigError(
                     f"a term reads pooled teacher features but the teacher cache "
-                    f"{self.teacher_cache_dir} has none; rebuild it with --pooled"
+                    f"{self.teacher_cache_dir} has none; rebuild it with --pooled --overwrite"
                 )
             self._cache = cache
         for term in self.terms:

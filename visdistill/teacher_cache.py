@@ -373,13 +373,13 @@ class TeacherCache:
         if diffs:
             raise ConfigError(
                 f"teacher cache {self.path} was built for another setup ({'; '.join(diffs)}). "
-                "Rebuild it with `visdistill cache --config <this config> --out <dir>`"
+                "Rebuild it with `visdistill cache --config <this config> --out <dir> --overwrite`"
             )
         epochs = self.manifest["epochs"]
         if not self.manifest["deterministic"] and max_epochs is not None and max_epochs > epochs:
             raise ConfigError(
                 f"teacher cache {self.path} holds {epochs} epochs of augmentations but the run "
-                f"trains {max_epochs}; rebuild with --epochs {max_epochs}"
+                f"trains {max_epochs}; rebuild with --epochs {max_epochs} --overwrite"
             )
 
     def lookup(self, epoch: int, index: Tensor, device: Any = None) -> list[ModelOutput]:
