@@ -165,9 +165,12 @@ def on_save(module: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint[KEY] = extra
     _mark_finished_epoch(checkpoint)
     # Last: a digest of every tensor written (weights, optimizer, RNG), checked at load. The
-    # keys hashed are recorded: what other hooks add after this one is not covered.
-    keys = sorted(str(k) for k in checkpoint)
-    extra[DIGEST] = {"sha256": state_digest({k: checkpoint[k] for k in keys}), "keys": keys}
+    # keys hashed are recorded: what other hooks add after this one is not covered. Under
+    # DDP only global rank 0 writes the file, so only it hashes.
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.is_global_zero:
+        keys = sorted(str(k) for k in checkpoint)
+        extra[DIGEST] = {"sha256": state_digest({k: checkpoint[k] for k in keys}), "keys": keys}
 
 
 def _mark_finished_epoch(checkpoint: dict[str, Any]) -> None:
