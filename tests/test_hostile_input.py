@@ -147,3 +147,38 @@ def test_duplicate_yaml_keys_are_refused_with_the_key_and_line(tmp_path, capsys)
     from visdistill.cli import check_config_files
 
     check_config_files(["--config", str(ok)])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys, num_workers):
+    """A corrupt image read in a worker process: the same one-line message as in the main
+    process, not torch's re-raised worker traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from visdistill.cli import main
+
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.full((8, 8, 3), 40 * i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / label / f"{i}.png")
+    (tmp_path / "train" / "a" / "2.png").write_bytes(b"not a png")
+    config = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False,
+                    "enable_checkpointing": False, "enable_progress_bar": False},
+        "model": {"student": {"name": "resnet10t", "num_classes": 2}},
+        "data": {"class_path": "visdistill.ImageFolderDataModule", "init_args": {
+            "train_dir": str(tmp_path / "train"), "batch_size": 8, "val_split": 0,
+            "image_size": 16, "num_workers": num_workers}},
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("visdistill fit: error:")]
+    assert len(message) == 1, err
+    assert "cannot read image" in message[0] and "2.png" in message[0]
+    assert "Traceback" not in err and "Caught" not in err, err

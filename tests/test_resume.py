@@ -362,3 +362,39 @@ def test_cli_ckpt_path_last_without_a_checkpoint_warns_and_starts(tmp_path):
     with pytest.warns(UserWarning, match="--ckpt_path last: no last.ckpt under"):
         main(["fit", "--config", cfg, "--trainer.limit_train_batches=1", "--ckpt_path=last"])
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_resuming_on_other_data_warns_naming_the_differences(tmp_path):
+    import warnings
+
+    import lightning as L
+
+    from visdistill import DigitsDataModule, DistillationModule, ModelConfig
+
+    class OtherDigits(DigitsDataModule):
+        pass
+
+    def fit(data, epochs, ckpt_path=None):
+        module = DistillationModule(student=ModelConfig("resnet10t", num_classes=10))
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, data, ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "resuming on other data" in str(w.message)]
+
+    assert fit(DigitsDataModule(batch_size=8), 1) == []
+    ckpt = str(next(tmp_path.rglob("*.ckpt")))
+    assert fit(DigitsDataModule(batch_size=8), 2, ckpt) == []  # same data: quiet
+    (seed,) = fit(DigitsDataModule(batch_size=8, seed=1, num_workers=0), 2, ckpt)
+    assert "seed: 0 -> 1" in seed and "num_workers" not in seed
+    (other,) = fit(OtherDigits(batch_size=8), 2, ckpt)
+    assert "data module DigitsDataModule -> OtherDigits" in other

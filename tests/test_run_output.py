@@ -19,16 +19,15 @@ from torch import nn
 from visdistill import DigitsDataModule, DistillationModule, ModelConfig
 from visdistill.cli import lightning_main, main
 from visdistill.errors import ConfigError
+from visdistill.formatting import format_count, format_duration, format_metric
 from visdistill.models import short_name
 from visdistill.progress import (
     LogLineProgressBar,
-    format_duration,
-    format_metric,
     make_progress_bar,
     percent_accuracies,
 )
 from visdistill.quiet import ExpectedWarnings, quiet_dependencies
-from visdistill.summary import RunSummary, count_flops, format_count
+from visdistill.summary import RunSummary, count_flops
 from visdistill.teachers import TeacherEnsemble
 
 EPOCHS = 2
@@ -195,7 +194,8 @@ def test_formatting():
     assert format_metric("test/acc", 0.7750999927520752) == "77.51 %"
     assert format_metric("val/fmnist_resnet10t_acc", 0.9) == "90.00 %"
     assert format_metric("train/loss", 1.23456) == "1.235"
-    assert format_count(578_128) == "578 K" and format_count(4.93e9, "FLOPs") == "4.93 GFLOPs"
+    assert format_count(578_128, " ") == "578 k" and format_count(4.93e9) == "4.93G"
+    assert format_count(999) == "999"
 
 
 def test_teacher_names_are_short_unique_and_validated():

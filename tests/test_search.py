@@ -344,3 +344,24 @@ def test_printed_table_shows_labels_with_brackets_verbatim():
     out = console.file.getvalue()
     for c in candidates:
         assert c.label in out, (c.label, out)
+
+
+def test_unwritable_search_outputs_fail_before_any_scoring(tmp_path, capsys, monkeypatch):
+    """An --out or --results that cannot be written is refused before the (long) scoring,
+    never after it: the ranking is not computed only to be lost."""
+    import visdistill.search.cli as search_cli
+
+    scored = []
+    monkeypatch.setattr(search_cli, "score_batch", lambda *a: scored.append(1) or 1 / 0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for flag in ("--out", "--results"):
+        args = ["search", "--no-progress", "--teacher", "resnet10t", "--space", "resnet10t"]
+        args += ["--out", str(tmp_path / "b.yaml"), flag, str(blocker / "x.json")]
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 1
+        err = capsys.readouterr().err
+        assert f"cannot write the {flag}" in err and str(blocker / "x.json") in err, err
+        assert "Traceback" not in err
+    assert not scored

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, format_keys
+from .errors import CheckpointError, ConfigError, format_keys
 
 # Tried in order, each stripped only when *every* key carries it, so a real
 # top-level module called ``model`` is never mangled.
@@ -139,6 +139,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise :class:`ConfigError` unless a file can be written at ``path`` (its folder is
+    created if missing; a probe file is created beside it and removed). For checking an
+    output before hours of work, not after."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the {what} {path}: {e.strerror or e}. Choose a writable path"
+        ) from None
+    if path.is_dir():
+        raise ConfigError(f"the {what} {path} is a folder; give a file path")
     return path
 
 

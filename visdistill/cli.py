@@ -121,6 +121,12 @@ class VisdistillCLI(LightningCLI):
             callbacks.append(DistillationModelSummary())
         if not any(isinstance(c, RunSummary) for c in callbacks):
             callbacks.append(RunSummary(report_after_test=bool(config.get("test_after_fit"))))
+        if trainer_cfg.get("enable_checkpointing") is False:
+            # Lightning refuses checkpoint callbacks with enable_checkpointing: false.
+            defaults = self.trainer_defaults.get("callbacks") or []
+            self.trainer_defaults["callbacks"] = [
+                c for c in defaults if not isinstance(c, ModelCheckpoint)
+            ]
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -424,7 +430,7 @@ def _run_command(command: str, rest: list[str], args: list[str] | None) -> None:
         error = visdistill_error_in(e)
         if error is None:
             raise
-        print(f"visdistill {command}: error: {error}", file=sys.stderr)
+        print(f"visdistill {command}: error: {error_message(error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -441,6 +447,22 @@ def visdistill_error_in(exc: BaseException) -> VisdistillError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def error_message(error: VisdistillError) -> str:
+    """The message of ``error`` alone. An error raised in a DataLoader worker process
+    (``num_workers > 0``) comes back re-raised by torch with the worker's whole traceback
+    in its message ("Caught X in DataLoader worker process 0. Original Traceback ...");
+    the user gets the original message, as with ``num_workers: 0``."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    kind = type(error)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        at = text.rfind("\n" + prefix)
+        if at >= 0:
+            return text[at + 1 + len(prefix) :].strip() + " (in a data-loader worker)"
+    return text
 
 
 if __name__ == "__main__":

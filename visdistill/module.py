@@ -552,6 +552,7 @@ class DistillationModule(L.LightningModule):
         resume.on_load(self, checkpoint, getattr(trainer, "ckpt_path", None))
         if trainer is not None and trainer.state.fn == "fit":
             resume.restore_rng(checkpoint)
+            resume.warn_if_other_data(self, checkpoint)
 
     def _check_data_classes(self) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)

@@ -23,28 +23,9 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from .errors import ConfigError
+from .formatting import format_duration, format_metric
 
 ProgressMode = Literal["auto", "bar", "lines"]
-
-
-def format_duration(seconds: float) -> str:
-    """``75.3`` -> ``1m15s``, ``3725`` -> ``1h02m05s``, ``8.2`` -> ``8.2s``."""
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def format_metric(name: str, value: float) -> str:
-    """Accuracies (``*acc*``, stored as fractions) as percentages with 2 decimals; the rest
-    with 4 significant digits."""
-    if "acc" in name.rsplit("/", 1)[-1]:
-        return f"{100 * value:.2f} %"
-    return f"{value:.4g}"
 
 
 class LogLineProgressBar(ProgressBar):

@@ -157,6 +157,9 @@ def on_save(module: Any, checkpoint: dict[str, Any]) -> None:
         "rng": collect_rng_states(),
         "terms": [type(t).__name__ for t in module.terms],
     }
+    datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+    if datamodule is not None:
+        extra["datamodule"] = type(datamodule).__name__
     if module.teachers is not None and teachers_rebuildable(module.hparams["teachers"]):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
@@ -171,6 +174,40 @@ def on_save(module: Any, checkpoint: dict[str, Any]) -> None:
     if trainer is None or trainer.is_global_zero:
         keys = sorted(str(k) for k in checkpoint)
         extra[DIGEST] = {"sha256": state_digest({k: checkpoint[k] for k in keys}), "keys": keys}
+
+
+# Data-module settings that do not change what the model sees.
+_DATA_SETTINGS_IGNORED = ("num_workers", "_instantiator", "_class_path")
+
+
+def warn_if_other_data(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Warn when a fit resumes on another data module, or the same one with other settings
+    (data, subset, split, augmentation, image size, seed ...), naming the differences. Not
+    an error: fine-tuning a checkpoint on other data is legitimate, but doing it by
+    accident silently mixes two runs."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return
+    differences = []
+    saved_class = checkpoint.get(KEY, {}).get("datamodule")
+    if saved_class is not None and saved_class != type(datamodule).__name__:
+        differences.append(f"data module {saved_class} -> {type(datamodule).__name__}")
+    saved = checkpoint.get("datamodule_hyper_parameters")
+    now = dict(getattr(datamodule, "hparams", {}) or {})
+    if saved is not None and not differences:
+        for key in sorted(set(saved) | set(now)):
+            if key in _DATA_SETTINGS_IGNORED or saved.get(key) == now.get(key):
+                continue
+            differences.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    if differences:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"resuming on other data than the checkpoint was trained on ({'; '.join(differences)}). "
+            "If this is not a deliberate fine-tune, resume with the run's own data config",
+            category=UserWarning,
+        )
 
 
 def _mark_finished_epoch(checkpoint: dict[str, Any]) -> None:

@@ -25,18 +25,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoints import atomic_write
-from .progress import format_duration, format_metric
+from .formatting import format_count, format_duration, format_metric
 from .teachers import ENSEMBLE
 
 SUMMARY_FILE = "summary.json"
-
-
-def format_count(n: float, unit: str = "") -> str:
-    """``578_128`` -> ``578.1 K``; ``4.93e9`` -> ``4.93 G`` (3 significant digits)."""
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {prefix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
 
 
 def count_flops(model: nn.Module, image_size: int | tuple[int, int]) -> int | None:
@@ -111,12 +103,12 @@ def describe_models(module: L.LightningModule, data_size: int | None = None) -> 
             role,
             name,
             arch,
-            format_count(_params(model)),
-            format_count(trainable) if trainable else "frozen",
+            format_count(_params(model), " "),
+            format_count(trainable, " ") if trainable else "frozen",
         ]
         if show_flops:
             f = flops.get(key)
-            cells.append(format_count(f) if f else "?")
+            cells.append(format_count(f, " ") if f else "?")
         return cells + [_spec_text(spec, data_size)]
 
     rows.append(row("student", student.alias, student, "student", student.name, student.input_spec))
@@ -128,8 +120,8 @@ def describe_models(module: L.LightningModule, data_size: int | None = None) -> 
             "term",
             term.name,
             type(term).__name__,
-            format_count(_params(term)),
-            format_count(extra) if extra else "0",
+            format_count(_params(term), " "),
+            format_count(extra, " ") if extra else "0",
         ]
         rows.append(cells + ([""] if show_flops else []) + [f"weight {term.weight:g}"])
     lines = [

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 import yaml
 
+from ..checkpoints import atomic_write, check_writable
 from ..errors import CheckpointError, ConfigError, VisdistillError
+from ..formatting import format_count
 from ..models import Backbone, check_model_name
 from .evolution import CandidateError, SearchResult, search
 from .scores import COMPONENTS, INITS, DisWOTScorer
-from .spaces import Candidate, Constraints, format_count, measure_cost, parse_count, parse_space
+from .spaces import Candidate, Constraints, measure_cost, parse_count, parse_space
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 TEACHER_INITS = ("random", "trained")
@@ -327,6 +329,9 @@ def search_main(args: list[str]) -> SearchResult:
     if ns.max_latency_ms is not None and ns.max_latency_ms <= 0:
         raise ConfigError(f"--max-latency-ms must be positive, got {ns.max_latency_ms}")
     _check_teacher_name(ns.teacher)
+    # Scoring can take hours: an output that cannot be written must fail now, not after it.
+    out = check_writable(ns.out, "--out config")
+    results_path = check_writable(ns.results, "--results file") if ns.results else None
     space = parse_space(ns.space, space_args)
 
     images, targets, num_classes = score_batch(ns.data, ns.batch_size, ns.image_size, ns.seed)
@@ -408,14 +413,11 @@ def search_main(args: list[str]) -> SearchResult:
             "warning: the teacher has no trained weights: the written config needs a "
             "checkpoint for it before KD is meaningful"
         )
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False)
-    )
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"best student: {best.candidate.label} (score {best.score:.6g})")
     print(f"wrote {out}: visdistill fit --config {out}")
-    if ns.results:
+    if results_path is not None:
         payload = {
             "teacher": ns.teacher,
             "teacher_init": ns.teacher_init,
@@ -432,9 +434,9 @@ def search_main(args: list[str]) -> SearchResult:
             "wall_seconds": time.perf_counter() - start,
             **result.as_dict(),
         }
-        Path(ns.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.results).write_text(json.dumps(payload, indent=2))
-        print(f"wrote {ns.results}")
+        results_text = json.dumps(payload, indent=2)
+        atomic_write(results_path, lambda tmp: Path(tmp).write_text(results_text))
+        print(f"wrote {results_path}")
     return result
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..formatting import format_count
 from .scores import DisWOTScore
 from .spaces import (
     Candidate,
@@ -32,7 +33,6 @@ from .spaces import (
     Cost,
     GeneSpace,
     SearchSpace,
-    format_count,
 )
 
 ScoreFn = Callable[[Candidate], "float | DisWOTScore"]

@@ -34,6 +34,7 @@ import timm
 import torch
 
 from ..errors import ConfigError, UnknownModelError, close_matches
+from ..formatting import format_count
 from ..models import Backbone, check_model_name
 
 
@@ -441,14 +442,6 @@ class Constraints:
         ):
             out.append(f"{cost.latency_ms:.1f} ms > {self.max_latency_ms:g} ms")
         return out
-
-
-def format_count(n: float) -> str:
-    """``1234567 -> '1.23M'``."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:g}"
 
 
 def parse_count(text: str | float | int | None) -> int | None:
