@@ -166,7 +166,8 @@ def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys, num_worke
     (tmp_path / "train" / "a" / "2.png").write_bytes(b"not a png")
     config = {
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False},
+                    "enable_checkpointing": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "runs")},
         "model": {"student": {"name": "resnet10t", "num_classes": 2}},
         "data": {"class_path": "visdistill.ImageFolderDataModule", "init_args": {
             "train_dir": str(tmp_path / "train"), "batch_size": 8, "val_split": 0,
