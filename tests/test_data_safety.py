@@ -551,3 +551,82 @@ def test_sigkill_at_random_points_then_resume_ends_with_the_uninterrupted_weight
         assert final.keys() == reference.keys(), log
         assert all(torch.equal(final[k], reference[k]) for k in final), log
     print(f"{kills} kills in {rounds} round(s): {log}")
+
+
+def _cache_child(out: Path, epochs: int, overwrite: bool, phase: str | None, n: int) -> None:
+    """A forked `build_teacher_cache`, SIGKILLed at its ``n``-th teacher batch ("teachers")
+    or just before the ``n``-th rename into ``out`` ("move")."""
+    try:
+        torch.set_num_threads(1)
+        from visdistill.teachers import TeacherEnsemble
+
+        count = [0]
+
+        def tick(kind: str) -> None:
+            if phase == kind:
+                count[0] += 1
+                if count[0] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        forward, replace = TeacherEnsemble.forward, os.replace
+        TeacherEnsemble.forward = lambda self, *a, **k: (tick("teachers"), forward(self, *a, **k))[
+            1
+        ]
+        os.replace = lambda src, dst: (tick("move") if Path(dst).parent == out or Path(dst) == out else None, replace(src, dst))[1]  # fmt: skip
+        build_teacher_cache(_module(), _data(), out, epochs, batch_size=8, progress=False,
+                            overwrite=overwrite)  # fmt: skip
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _build_child(out: Path, epochs: int, overwrite: bool, phase=None, n: int = 0) -> int:
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_cache_child, args=(out, epochs, overwrite, phase, n)
+    )
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def _cache_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_sigkill_during_cache_builds_never_leaves_a_mixed_cache(tmp_path):
+    """SIGKILL during the teachers' passes and just before each rename of a first build and
+    of an --overwrite build: `--out` is always absent, the previous cache whole, or (killed
+    between the file moves of an overwrite) manifest-less, which opening refuses; never a
+    manifest over another build's arrays. The rebuild equals an uninterrupted build byte for
+    byte, and no killed build's temporary folder is left behind."""
+    reference = {}
+    for epochs in (1, 2):
+        ref = tmp_path / f"ref{epochs}"
+        assert _build_child(ref, epochs, False) == 0
+        reference[epochs] = _cache_bytes(ref)
+    out, log = tmp_path / "cache", []
+    # 6 teacher batches per epoch (48 images of 8); a first build renames its folder once,
+    # an overwrite moves each file (4, the manifest last).
+    first = [("teachers", 2), ("teachers", 6), ("move", 1)]
+    again = [("teachers", 1), ("teachers", 9), ("move", 1), ("move", 3), ("move", 4)]
+    for epochs, overwrite, previous, kills in ((1, False, None, first), (2, True, 1, again)):
+        for phase, n in kills:
+            code = _build_child(out, epochs, overwrite, phase, n)
+            log.append((epochs, phase, n, code))
+            assert code == -signal.SIGKILL, log
+            if not out.exists():
+                assert previous is None, log
+            elif (out / "manifest.json").exists():
+                assert _cache_bytes(out) == reference[previous], log  # the old cache, whole
+            else:
+                with pytest.raises(ConfigError):
+                    TeacherCache.open(out)
+        assert _build_child(out, epochs, overwrite) == 0, log
+        assert _cache_bytes(out) == reference[epochs], log
+        assert not list(tmp_path.glob(".cache.building-*")), log  # killed builds cleaned up
+    print(f"{len(log)} kills: {log}")

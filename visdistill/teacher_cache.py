@@ -21,9 +21,11 @@ Opening a cache checks every array's size, shape and values (truncated files, Na
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,11 @@ def build_teacher_cache(
     if k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    _remove_stale_builds(out)
+    # Named by host and pid, so a later build can tell a killed build's leftovers from a
+    # build that is still running.
+    prefix = f"{_building_prefix(out)}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix))
     try:
         _build_into(module, dataset, identity, tmp, epochs, k, k_cls, pooled, batch_size, progress)
         _move_into_place(tmp, out, overwrite)
@@ -123,6 +129,36 @@ def build_teacher_cache(
         if tmp.is_dir() and not any(tmp.iterdir()):
             tmp.rmdir()
     return out
+
+
+def _building_prefix(out: Path) -> str:
+    return f".{out.name}.building-"
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Remove the temporary folders of builds of ``out`` that were killed (on this host, by
+    a process that no longer exists): a cache's worth of arrays otherwise stays on disk.
+    Only the cache's own files are removed, then the folder if that empties it."""
+    prefix, host = _building_prefix(out), socket.gethostname()
+    for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
+        parts = folder.name[len(prefix) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue  # another host's build, or one named before host/pid were recorded
+        if _process_alive(int(parts[1])):
+            continue
+        _remove_cache_files(folder)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def check_cache_destination(out: Path, overwrite: bool) -> None:
