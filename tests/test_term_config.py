@@ -33,7 +33,7 @@ def test_config_records_every_argument_with_its_default():
     cfg = KD(temperature=2.0).config()
     assert cfg == {
         "class_path": "visdistill.distillers.kd.KD",
-        "init_args": {"temperature": 2.0, "warmup_epochs": 0.0, "weight": 1.0},
+        "init_args": {"temperature": 2.0, "warmup_epochs": 0.0, "weight": 1.0, "teachers": None},
     }
     rebuilt = term_from_config(cfg)
     assert type(rebuilt) is KD and rebuilt.temperature == 2.0
@@ -42,7 +42,7 @@ def test_config_records_every_argument_with_its_default():
 def test_subclass_record_is_the_outermost_call_and_paths_become_strings(tmp_path):
     cfg = _Scaled(scale=3.0, temperature=1.5).config()
     assert cfg["init_args"] == {"scale": 3.0, "temperature": 1.5}  # **kwargs are flattened
-    assert _Inherits(weight=0.5).config()["init_args"] == {"weight": 0.5}
+    assert _Inherits(weight=0.5).config()["init_args"] == {"weight": 0.5, "teachers": None}
     nd = ND(class_means_file=tmp_path / "means.pt", cache_dir="")
     assert nd.config()["init_args"]["class_means_file"] == str(tmp_path / "means.pt")
     assert isinstance(OFA(stages=(1, 2)).config()["init_args"]["stages"], list)

@@ -235,9 +235,17 @@ def save_safetensors_atomic(
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+AUTO_MONITOR = "auto"
+
+
 class ResumableCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that keeps the run's best-checkpoint record across a resume that
     writes to another folder (a new logger version).
+
+    ``monitor="auto"``: the metric and mode are the module's ``selection_metric`` (for a
+    :class:`~visdistill.DistillationModule`: ``val/acc``, higher is better, for a classifier
+    student on labelled data, else ``val/loss``, lower is better), resolved when the trainer
+    sets up, before a checkpoint is restored. Other modules: ``val/acc``, max.
 
     Lightning restores ``best_model_score`` only when the checkpoint folder is unchanged, so
     after such a resume the first validation became the "best", and ``test_after_fit``
@@ -245,6 +253,14 @@ class ResumableCheckpoint(ModelCheckpoint):
     on disk) are restored too; a better score later writes ``best.ckpt`` in the new folder,
     and the old folder's file is left where it is.
     """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.monitor == AUTO_MONITOR:
+            select = getattr(pl_module, "selection_metric", None)
+            monitor, mode = select(trainer.datamodule) if select else ("val/acc", "max")
+            self.monitor, self.mode = monitor, mode
+            self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
+        super().setup(trainer, pl_module, stage)
 
     @property
     def state_key(self) -> str:

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import PredictionWriter
-from .checkpoints import ResumableCheckpoint
+from .checkpoints import AUTO_MONITOR, ResumableCheckpoint
 from .data.base import VisionDataModule
 from .errors import VisdistillError
 from .module import DistillationModule
@@ -53,7 +53,8 @@ class VisdistillCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="after `fit`, evaluate the best checkpoint (by val/acc) on the test split",
+            help="after `fit`, evaluate the best checkpoint (by val/acc; by val/loss without "
+            "accuracy: a headless student or data without labels) on the test split",
         )
         parser.add_argument(
             "--checkpoint_every_n_steps",
@@ -227,8 +228,8 @@ class VisdistillCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
-            # The first callback is the best-by-val/acc one; without validation there is no
-            # best checkpoint and the final weights are tested.
+            # The first callback is the best-by-val/acc (or val/loss) one; without validation
+            # there is no best checkpoint and the final weights are tested.
             best = self.trainer.checkpoint_callback.best_model_path or None
             self.trainer.test(
                 self.model,
@@ -244,8 +245,9 @@ def lightning_main(args: list[str] | None) -> VisdistillCLI:
     # Two callbacks: Lightning 2.6 writes save_last only on epochs that improve the best
     # checkpoint, but resuming needs the latest epoch every time.
     # ResumableCheckpoint: a resume into a new logger version keeps the run's best.
+    # "auto": val/acc (max) when the student's accuracy is measured, else val/loss (min).
     best = ResumableCheckpoint(
-        monitor="val/acc", mode="max", filename="best", enable_version_counter=False
+        monitor=AUTO_MONITOR, mode="max", filename="best", enable_version_counter=False
     )
     last = ResumableCheckpoint(monitor=None, filename="last", enable_version_counter=False)
     return VisdistillCLI(

@@ -95,14 +95,16 @@ class ModelOutput:
     """What a :class:`Backbone` returns.
 
     Attributes:
-        logits: ``(B, K)``.
-        pooled: ``(B, D)`` pre-logits features, only when asked for.
+        logits: ``(B, K)``; ``None`` for a headless model (``num_classes=0``), which has no
+            classifier. Its features are never passed off as logits: they are in ``pooled``.
+        pooled: ``(B, D)`` pre-logits features, when asked for, and always for a headless
+            model (they are its output).
         stages: ``{stage index: (B, C, h, w)}`` for the requested stages.
         prefix_tokens: ``{stage index: (B, P, C)}`` class/register tokens of ViT-like
             models, only when asked for.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     pooled: Tensor | None = None
     stages: dict[int, Tensor] = field(default_factory=dict)
     prefix_tokens: dict[int, Tensor] = field(default_factory=dict)
@@ -325,7 +327,13 @@ class Backbone(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Classifier width; 0 for a headless model."""
         return self.model.num_classes
+
+    @property
+    def headless(self) -> bool:
+        """``num_classes=0``: no classifier; ``forward`` gives pooled features, no logits."""
+        return self.model.num_classes == 0
 
     @property
     def num_features(self) -> int:
@@ -368,7 +376,8 @@ class Backbone(nn.Module):
             x: ``(B, 3, H, W)`` in ``[0, 1]`` (or already preprocessed with
                 ``preprocessed=True``).
             stages: stage indices into ``feature_info``; only these are kept.
-            pooled: also return ``(B, D)`` pre-logits features.
+            pooled: also return ``(B, D)`` pre-logits features (a headless model always
+                does, and its ``logits`` are ``None``).
             prefix_tokens: also return class/register tokens (ViT-like models).
         """
         if not preprocessed:
@@ -387,8 +396,11 @@ class Backbone(nn.Module):
                 out_stages[s] = feat
         else:
             final = self.model.forward_features(x)
-        logits = self.model.forward_head(final)
-        pre = self.model.forward_head(final, pre_logits=True) if pooled else None
+        if self.headless:  # timm's headless forward_head gives the pooled features
+            logits, pre = None, self.model.forward_head(final, pre_logits=True)
+        else:
+            logits = self.model.forward_head(final)
+            pre = self.model.forward_head(final, pre_logits=True) if pooled else None
         return ModelOutput(logits=logits, pooled=pre, stages=out_stages, prefix_tokens=out_prefix)
 
     def extra_repr(self) -> str:

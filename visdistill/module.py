@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from . import resume
 from .checkpoints import use_atomic_checkpoint_io
+from .data.base import data_has_labels
 from .distillers.base import DistillTerm, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
@@ -36,13 +37,27 @@ class DistillationModule(L.LightningModule):
     The loss is ``ce_weight * CE(student, labels) + sum_t t.weight * sum(t(...).values())``.
     With no teachers it is plain supervised training (teacher recipes, no-KD baselines).
 
+    Headless models and data without labels: a model with ``num_classes: 0`` has no
+    classifier (its ``ModelOutput.logits`` is ``None``, its ``pooled`` features are its
+    output). A headless teacher is a feature teacher, for terms that read stages or pooled
+    features (UNIC, TRG, DisWOT); a term that reads logits (``needs_logits``: KD, DKD,
+    MEAL V2, MST routing, OFA) is refused if the student or one of its teachers is
+    headless; give it ``teachers: [...]`` to read the classifier teachers only. There is
+    no cross-entropy when the student is headless or the data has no labels (then
+    ``ce_weight`` must be 0). Accuracy (``train/acc``, ``val/acc``, ``test/acc``) is
+    measured only for a classifier student on labelled data; otherwise ``val/loss`` and
+    ``test/loss`` are the distillation loss (the weighted terms) on those splits, and
+    :meth:`selection_metric` is ``val/loss`` (lower is better) instead of ``val/acc``.
+
     Args:
         student: the model to train (:class:`ModelConfig` or an equivalent dict).
         teachers: frozen teachers, each with its own input spec and weights.
         terms: distillation terms (e.g. ``KD``, or ``{"class_path", "init_args"}`` dicts);
-            each needs at least one teacher. Their constructor arguments are saved with the
+            each needs at least one teacher and reads all of them unless its ``teachers``
+            argument names some. Their constructor arguments are saved with the
             hyper-parameters, so ``load_from_checkpoint(path)`` rebuilds them.
-        ce_weight: weight of the hard-label cross-entropy.
+        ce_weight: weight of the hard-label cross-entropy (unused by a headless student;
+            must be 0 on data without labels).
         label_smoothing: label smoothing of that cross-entropy.
         optimizer: callable ``params -> Optimizer`` (LightningCLI ``class_path``).
         scheduler: optional callable ``optimizer -> LRScheduler``.
@@ -118,11 +133,19 @@ class DistillationModule(L.LightningModule):
             raise ConfigError(
                 f"distillation terms ({names}) need teachers, but none are configured"
             )
-        if self.teachers is not None and self.teachers.num_classes != self.student.num_classes:
+        if self.student.headless and not self.terms:
             raise ConfigError(
-                f"teachers predict {self.teachers.num_classes} classes but the student "
+                f"the student {self.student.name} is headless (num_classes 0), so it has no "
+                "classifier to train with labels: add a feature distillation term (e.g. UNIC) "
+                "and a teacher, or give the student num_classes"
+            )
+        classes = self.teachers.num_classes if self.teachers is not None else 0
+        if classes and not self.student.headless and classes != self.student.num_classes:
+            raise ConfigError(
+                f"teachers predict {classes} classes but the student "
                 f"{self.student.name} predicts {self.student.num_classes}; set num_classes "
-                "to the same value for all models"
+                "to the same value for all models (num_classes: 0 on a teacher used for its "
+                "features only)"
             )
         if nonfinite not in _NONFINITE_MODES:
             raise ConfigError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
@@ -154,12 +177,14 @@ class DistillationModule(L.LightningModule):
 
         # Terms build their parameters first: some pick their stages from feature_info.
         for term in self.terms:
-            term.setup(self.student, list(self.teachers or []))
+            self._bind_teachers(term)
+            term.setup(self.student, term.own(list(self.teachers)))
         self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
         n_teachers = len(self.teachers) if self.teachers is not None else 0
         wanted: list[set[int]] = [set() for _ in range(n_teachers)]
         for term in self.terms:
-            for i, stages in enumerate(per_teacher_stages(term.teacher_stages, n_teachers)):
+            own = per_teacher_stages(term.teacher_stages, len(term.teacher_indices))
+            for i, stages in zip(term.teacher_indices, own, strict=True):
                 wanted[i].update(stages)
         self.teacher_stages = [tuple(sorted(s)) for s in wanted]
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
@@ -175,6 +200,9 @@ class DistillationModule(L.LightningModule):
         )
         self.teacher_cache_dir, self._cache = teacher_cache, None
         if teacher_cache is not None:
+            from .teacher_cache import check_classifier_teachers
+
+            check_classifier_teachers(self.teachers or [])
             staged = [type(t).__name__ for t in self.terms if t.teacher_stages]
             if staged or self.teachers is None:
                 raise ConfigError(
@@ -199,21 +227,94 @@ class DistillationModule(L.LightningModule):
         for teacher, stages in zip(self.teachers or [], self.teacher_stages, strict=True):
             teacher.check_stages(stages)
 
+        # Whether the data carries labels: set from the data module by setup().
+        self._labelled = True
         k = self.student.num_classes
-        self.train_acc = MulticlassAccuracy(k, average="micro")
-        self.val_acc = MulticlassAccuracy(k, average="micro")
-        self.test_acc = MulticlassAccuracy(k, average="micro")
-        n_teachers = len(self.teachers) if self.teachers is not None else 0
-        # One metric per teacher plus the ensemble; shared by val (first epoch) and test.
+        if not self.student.headless:  # a headless student has no accuracy to measure
+            self.train_acc = MulticlassAccuracy(k, average="micro")
+            self.val_acc = MulticlassAccuracy(k, average="micro")
+            self.test_acc = MulticlassAccuracy(k, average="micro")
+        # Teachers with a classifier have an accuracy: one metric each plus their ensemble;
+        # shared by val (first epoch) and test.
+        self._scored = self.teachers.classifiers if self.teachers is not None else []
+        n_scored, k_teachers = len(self._scored), classes
         self.teacher_acc = nn.ModuleList(
-            MulticlassAccuracy(k, average="micro") for _ in range(n_teachers + (n_teachers > 1))
+            MulticlassAccuracy(k_teachers, average="micro")
+            for _ in range(n_scored + (n_scored > 1))
         )
         self._teacher_val_scores: dict[str, float] | None = None
 
+    def _bind_teachers(self, term: DistillTerm) -> None:
+        """Resolve the teachers ``term`` reads (its ``teachers`` names or positions; all by
+        default) into ``term.teacher_indices``, and refuse a term that reads logits when the
+        student or one of its teachers is headless."""
+        teachers, names = list(self.teachers), self.teachers.names
+        label = type(term).__name__
+        if term.teacher_refs is None:
+            indices = list(range(len(teachers)))
+        else:
+            indices = []
+            for ref in term.teacher_refs:
+                if isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < len(names):
+                    indices.append(ref)
+                elif isinstance(ref, str) and ref in names:
+                    indices.append(names.index(ref))
+                else:
+                    raise ConfigError(
+                        f"{label} teachers: {ref!r} is not a teacher; the teachers are "
+                        f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))} (give names "
+                        "or positions)"
+                    )
+            if len(set(indices)) != len(indices):
+                raise ConfigError(f"{label} teachers lists a teacher twice: {term.teacher_refs}")
+        term.teacher_indices = tuple(indices)
+        if not term.needs_logits:
+            return
+        if self.student.headless:
+            raise ConfigError(
+                f"{label} reads the student's logits, but the student {self.student.name} is "
+                "headless (num_classes 0); give the student num_classes, or use a feature "
+                "term (UNIC, TRG, DisWOT)"
+            )
+        headless = [names[i] for i in indices if teachers[i].headless]
+        if headless:
+            classifiers = [names[i] for i in self.teachers.classifiers]
+            fix = (
+                f"list the classifier teachers it should read: teachers: [{', '.join(classifiers)}]"
+                if classifiers
+                else "give a teacher num_classes, or use a feature term (UNIC, TRG, DisWOT)"
+            )
+            raise ConfigError(
+                f"{label} reads the teachers' logits, but teacher(s) {', '.join(headless)} "
+                f"are headless (num_classes 0, features only); {fix}"
+            )
+
+    @property
+    def logs_accuracy(self) -> bool:
+        """Whether the student's accuracy is measured: it has a classifier and the data
+        has labels."""
+        return not self.student.headless and self._labelled
+
+    def selection_metric(self, datamodule: Any = None) -> tuple[str, str]:
+        """The validation metric that picks the best checkpoint and its mode: ``("val/acc",
+        "max")`` for a classifier student on labelled data, else ``("val/loss", "min")``
+        (the distillation loss). ``datamodule``: the data to judge labels by (default: the
+        data this module was set up with)."""
+        labelled = data_has_labels(datamodule) if datamodule is not None else self._labelled
+        if not self.student.headless and labelled:
+            return "val/acc", "max"
+        return "val/loss", "min"
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        self._labelled = data_has_labels(datamodule)
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
-        """Student logits ``(B, K)`` for a canonical batch ``(B, 3, H, W)`` in ``[0, 1]``."""
-        return self.student(images).logits
+        """Student logits ``(B, K)`` for a canonical batch ``(B, 3, H, W)`` in ``[0, 1]``;
+        for a headless student its pooled features ``(B, D)`` (as timm's headless models)."""
+        out = self.student(images)
+        return out.pooled if out.logits is None else out.logits
 
     def compute_losses(
         self, batch: dict[str, Tensor]
@@ -226,10 +327,13 @@ class DistillationModule(L.LightningModule):
             pooled=self.needs_pooled,
             prefix_tokens=self.needs_prefix_tokens,
         )
-        parts = {
-            "ce": F.cross_entropy(student_out.logits, target, label_smoothing=self.label_smoothing)
-        }
-        total = self.ce_weight * parts["ce"]
+        parts: dict[str, Tensor] = {}
+        total = images.new_zeros((), dtype=torch.float32)
+        if self.logs_accuracy:  # a classifier student and labels: the cross-entropy
+            parts["ce"] = F.cross_entropy(
+                student_out.logits, target, label_smoothing=self.label_smoothing
+            )
+            total = self.ce_weight * parts["ce"]
         if self.terms:
             if self._cache is not None and self.training:
                 teacher_outs = self._cache.lookup(self.current_epoch, batch["index"], self.device)
@@ -238,12 +342,17 @@ class DistillationModule(L.LightningModule):
                     teacher_outs = self.teachers(
                         images, stages=self.teacher_stages, pooled=self.needs_pooled
                     )
-            weights = None
+            # Per-sample weights over the providing term's teachers reach the terms that read
+            # the same teachers; the others average their own teachers uniformly.
+            weights, weighted = None, None
             for term in self.terms:
                 if term.provides_teacher_weights:
-                    weights = term.teacher_weights(student_out, teacher_outs, target)
+                    weighted = term.teacher_indices
+                    weights = term.teacher_weights(student_out, term.own(teacher_outs), target)
             for term in self.terms:
-                term_parts = term(student_out, teacher_outs, target, teacher_weights=weights)
+                term_weights = weights if term.teacher_indices == weighted else None
+                own = term.own(teacher_outs)
+                term_parts = term(student_out, own, target, teacher_weights=term_weights)
                 for key, value in term_parts.items():
                     parts[f"{term.name}/{key}" if key != term.name else key] = value
                 total = total + term.weight * sum(term_parts.values())
@@ -263,8 +372,9 @@ class DistillationModule(L.LightningModule):
                 self._restore_step_state(saved)
                 return self._handle_nonfinite(parts, batch_idx)
             self._skip_streak = 0
-        # update(), not __call__: the epoch value is all we log, no per-batch compute.
-        self.train_acc.update(out.logits.detach(), batch["target"])
+        if self.logs_accuracy:
+            # update(), not __call__: the epoch value is all we log, no per-batch compute.
+            self.train_acc.update(out.logits.detach(), batch["target"])
         n = len(batch["target"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         if self._components_logged_this_step():
@@ -276,7 +386,8 @@ class DistillationModule(L.LightningModule):
             }
             if diagnostics:
                 self.log_dict(diagnostics, batch_size=n)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.logs_accuracy:
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         # The components ride along to callbacks (LogLineProgressBar averages them per line)
         # without a host sync: Lightning passes this dict as `outputs`.
         return {"loss": total, "parts": {k: v.detach() for k, v in parts.items()}}
@@ -293,10 +404,14 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images, target = batch["image"], batch["target"]
-        logits = self.student(images).logits
-        self.val_acc(logits, target)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        self.log("val/loss", F.cross_entropy(logits, target), batch_size=len(target))
+        if self.logs_accuracy:
+            logits = self.student(images).logits
+            self.val_acc(logits, target)
+            self.log("val/acc", self.val_acc, prog_bar=True)
+            self.log("val/loss", F.cross_entropy(logits, target), batch_size=len(target))
+        else:  # no accuracy to measure: the distillation loss picks the best checkpoint
+            total, _, _ = self.compute_losses(batch)
+            self.log("val/loss", total, prog_bar=True, batch_size=len(target))
         if self._teachers_scored_this_epoch():
             self._update_teacher_acc(images, target)
 
@@ -308,17 +423,26 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images, target = batch["image"], batch["target"]
-        self.test_acc(self.student(images).logits, target)
-        self.log("test/acc", self.test_acc)
-        if self.eval_teachers and self.teachers is not None:
+        if self.logs_accuracy:
+            self.test_acc(self.student(images).logits, target)
+            self.log("test/acc", self.test_acc)
+        else:
+            total, _, _ = self.compute_losses(batch)
+            self.log("test/loss", total, batch_size=len(target))
+        if self._teachers_scored():
             self._update_teacher_acc(images, target)
 
     def on_test_epoch_end(self) -> None:
-        if self.eval_teachers and self.teachers is not None:
+        if self._teachers_scored():
             for name, value in self._compute_teacher_acc().items():
                 self.log(f"test/{name}_acc", value)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        if self.student.headless:
+            raise ConfigError(
+                f"the student {self.student.name} is headless (num_classes 0): it predicts no "
+                "classes. Export it (visdistill export) and use its features with timm"
+            )
         probs = self.student(batch["image"]).logits.softmax(-1)
         return {"index": batch["index"], "probs": probs, "pred": probs.argmax(-1)}
 
@@ -436,16 +560,21 @@ class DistillationModule(L.LightningModule):
             term.epoch, term.progress = float(epoch), min(1.0, float(progress))
 
     # ------------------------------------------------------------------ teachers' scores
+    def _teachers_scored(self) -> bool:
+        """Whether teachers' accuracies are measured: asked for, some teacher has a
+        classifier, and the data has labels."""
+        return self.eval_teachers and bool(self._scored) and self._labelled
+
     def _teachers_scored_this_epoch(self) -> bool:
         return (
-            self.eval_teachers
-            and self.teachers is not None
+            self._teachers_scored()
             and self._teacher_val_scores is None
             and not (self._trainer is not None and self.trainer.sanity_checking)
         )
 
     def _update_teacher_acc(self, images: Tensor, target: Tensor) -> None:
-        outs = self.teachers(images)
+        everyone = self.teachers(images)
+        outs = [everyone[i] for i in self._scored]  # the classifier teachers
         for metric, out in zip(self.teacher_acc, outs, strict=False):
             metric.update(out.logits, target)
         if len(outs) > 1:
@@ -457,7 +586,7 @@ class DistillationModule(L.LightningModule):
         return self.teachers.names if self.teachers is not None else []
 
     def _compute_teacher_acc(self) -> dict[str, float]:
-        names = [*self.teacher_names, ENSEMBLE]
+        names = [*(self.teacher_names[i] for i in self._scored), ENSEMBLE]
         scores = {}
         for name, metric in zip(names, self.teacher_acc, strict=False):
             scores[name] = float(metric.compute())
@@ -555,10 +684,38 @@ class DistillationModule(L.LightningModule):
             resume.warn_if_other_data(self, checkpoint)
 
     def _check_data_classes(self) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
-        if data_classes and data_classes != self.student.num_classes:
+        """The data's labels against what the models and terms need: on data without labels
+        nothing may read them (cross-entropy, ``needs_labels`` terms); on labelled data the
+        classifiers' class count must be the data's."""
+        datamodule = self.trainer.datamodule
+        if not data_has_labels(datamodule):
+            data = type(datamodule).__name__
+            if self.ce_weight and not self.student.headless:
+                raise ConfigError(
+                    f"ce_weight {self.ce_weight} trains the student on labels, but the data "
+                    f"({data}) has none (labels: false, or a folder without class "
+                    "sub-folders); set model.ce_weight: 0 and distil from teachers"
+                )
+            if not self.terms:
+                raise ConfigError(
+                    f"the data ({data}) has no labels and there are no distillation terms: "
+                    "nothing to learn from; add teachers and a term"
+                )
+            labelled = [type(t).__name__ for t in self.terms if t.needs_labels]
+            if labelled:
+                raise ConfigError(
+                    f"{', '.join(labelled)} read class labels, but the data ({data}) has none; "
+                    "remove them or train on labelled data"
+                )
+            return
+        data_classes = getattr(datamodule, "num_classes", None)
+        if self.student.headless:
+            model_classes = self.teachers.num_classes if self.teachers is not None else 0
+            who = "the classifier teachers predict"
+        else:
+            model_classes, who = self.student.num_classes, "the student predicts"
+        if data_classes and model_classes and data_classes != model_classes:
             raise ConfigError(
-                f"the data has {data_classes} classes but the student predicts "
-                f"{self.student.num_classes}; set model.student.num_classes (and each "
-                f"teacher's) to {data_classes}"
+                f"the data has {data_classes} classes but {who} {model_classes}; set "
+                f"model.student.num_classes (and each classifier teacher's) to {data_classes}"
             )

@@ -166,7 +166,9 @@ class LogLineProgressBar(ProgressBar):
             detail = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
             parts.append(f"loss {loss:.4g}" + (f" ({detail})" if detail else ""))
         metrics = trainer.callback_metrics
-        keys = ["train/acc", "val/acc"] if epoch_end else []
+        # Without accuracy (headless student, no labels) val/loss is what selects checkpoints.
+        val = "val/acc" if "val/acc" in metrics or "val/loss" not in metrics else "val/loss"
+        keys = ["train/acc", val] if epoch_end else []
         for key in keys:
             if key in metrics:
                 parts.append(f"{key} {format_metric(key, float(metrics[key]))}")

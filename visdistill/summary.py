@@ -170,6 +170,8 @@ class RunSummary(Callback):
         self.report_after_test, self.filename = report_after_test, filename
         self.best_val: float | None = None
         self.best_epoch: int | None = None
+        # The metric best_val is of: val/acc, or val/loss when no accuracy is measured.
+        self.best_metric = "val/acc"
         self.path: Path | None = None
         self.record: dict[str, Any] = {}
         self._t0 = self._fit_s = self._test_t0 = None
@@ -177,13 +179,18 @@ class RunSummary(Callback):
         self._fitted = False
         self._pending: str | None = None  # text printed at teardown
 
-    # Best val/acc and its epoch survive a resume (Lightning saves callback state).
+    # Best val/acc (or val/loss) and its epoch survive a resume (Lightning saves callback state).
     def state_dict(self) -> dict[str, Any]:
-        return {"best_val": self.best_val, "best_epoch": self.best_epoch}
+        return {
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_val = state_dict.get("best_val")
         self.best_epoch = state_dict.get("best_epoch")
+        self.best_metric = state_dict.get("best_metric", "val/acc")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._t0, self._images, self._fitted = time.monotonic(), 0, False
@@ -199,9 +206,18 @@ class RunSummary(Callback):
             self._pending = format_scores("validate", scores, trainer.ckpt_path)
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        value = trainer.callback_metrics.get("val/acc")
-        if value is not None and (self.best_val is None or float(value) > self.best_val):
-            self.best_val, self.best_epoch = float(value), trainer.current_epoch
+        select = getattr(pl_module, "selection_metric", None)
+        metric, mode = select() if select else ("val/acc", "max")
+        value = trainer.callback_metrics.get(metric)
+        if value is None:
+            return
+        value, best = float(value), self.best_val
+        if (
+            metric != self.best_metric
+            or best is None
+            or (value > best if mode == "max" else value < best)
+        ):
+            self.best_val, self.best_epoch, self.best_metric = value, trainer.current_epoch, metric
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._fit_s = time.monotonic() - (self._t0 or time.monotonic())
@@ -252,7 +268,8 @@ class RunSummary(Callback):
             "teacher_names": names,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "best_val_acc": self.best_val,
+            "best_val_acc": self.best_val if self.best_metric == "val/acc" else None,
+            "best_val_loss": self.best_val if self.best_metric == "val/loss" else None,
             "best_epoch": self.best_epoch + 1 if self.best_epoch is not None else None,
             "val": val,
             "fit_s": round(fit_s, 2),
@@ -286,6 +303,11 @@ class RunSummary(Callback):
             lines.append(
                 f"  best val/acc    {format_metric('acc', r['best_val_acc'])} "
                 f"at epoch {r['best_epoch']} of {epochs}"
+            )
+        elif r.get("best_val_loss") is not None:  # no accuracy: headless or unlabelled
+            lines.append(
+                f"  best val/loss   {format_metric('loss', r['best_val_loss'])} "
+                f"at epoch {r['best_epoch']} of {epochs} (distillation loss; no accuracy)"
             )
         scores, split = (r["test"], "test") if r.get("test") else (r.get("val") or {}, "val")
         if scores:

@@ -68,6 +68,17 @@ def cache_identity(module: Any, datamodule: Any) -> dict[str, Any]:
     }
 
 
+def check_classifier_teachers(teachers: Any) -> None:
+    """Refuse headless teachers (``num_classes: 0``): the cache stores class probabilities."""
+    headless = [t.name for t in teachers if t.headless]
+    if headless:
+        raise ConfigError(
+            f"the teacher cache stores the teachers' class probabilities, but teacher(s) "
+            f"{', '.join(headless)} are headless (num_classes 0, no classifier); remove "
+            "teacher_cache, or cache classifier teachers only"
+        )
+
+
 @torch.no_grad()
 def build_teacher_cache(
     module: Any,
@@ -98,6 +109,7 @@ def build_teacher_cache(
     check_cache_destination(out, overwrite)
     if module.teachers is None:
         raise ConfigError("the teacher cache needs teachers; the model has none")
+    check_classifier_teachers(module.teachers)
     if datamodule.train_set is None:
         datamodule.setup("fit")
     if not hasattr(datamodule, "augmentation"):

@@ -57,7 +57,9 @@ class TeacherEnsemble(nn.Module):
     """Frozen teachers sharing one canonical batch.
 
     Teachers whose :class:`InputSpec` is identical share one preprocessed input, so
-    three teachers at the same resolution resize and normalise once.
+    three teachers at the same resolution resize and normalise once. Headless teachers
+    (``num_classes: 0``, feature teachers) may sit beside classifier teachers; the
+    classifier teachers must agree on their class count.
 
     Args:
         teachers: :class:`Teacher` modules, or :class:`ModelConfig`s to build them from.
@@ -67,11 +69,12 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         built = [t if isinstance(t, Teacher) else Teacher.from_config(t) for t in teachers]
         self.teachers = nn.ModuleList(built)
-        classes = {t.num_classes for t in built}
+        classes = {t.num_classes for t in built if not t.headless}
         if len(classes) > 1:
-            listing = ", ".join(f"{t.name}: {t.num_classes}" for t in built)
+            listing = ", ".join(f"{t.name}: {t.num_classes}" for t in built if not t.headless)
             raise ConfigError(
-                f"teachers disagree on num_classes ({listing}); all must predict the same classes"
+                f"classifier teachers disagree on num_classes ({listing}); all must predict the "
+                "same classes (set num_classes: 0 on a teacher used for its features only)"
             )
         # Frozen from the start like its members: Lightning records every module's mode
         # before validation and restores it after, so a container left in train mode here
@@ -93,7 +96,13 @@ class TeacherEnsemble(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.teachers[0].num_classes
+        """The classifier teachers' class count; 0 when every teacher is headless."""
+        return next((t.num_classes for t in self.teachers if not t.headless), 0)
+
+    @property
+    def classifiers(self) -> list[int]:
+        """Positions of the teachers with a classifier (not headless)."""
+        return [i for i, t in enumerate(self.teachers) if not t.headless]
 
     @property
     def names(self) -> list[str]:

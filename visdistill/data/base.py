@@ -8,6 +8,9 @@ key on it).
 
 The validation split is carved from the training set with a seeded permutation:
 model selection never looks at the test set.
+
+Data without labels (``labels: false``, or an image folder without class sub-folders)
+yields ``target = -1`` (:data:`UNLABELLED`) for every sample: label-free distillation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from torchvision.transforms import v2
 from ..errors import ConfigError
 from .replay import ReplayCropFlip, epoch_sampler
 from .resumable import ResumableDataLoader
+
+UNLABELLED = -1  # the target of every sample of a data set without labels
+
+
+def data_has_labels(datamodule: object | None) -> bool:
+    """Whether ``datamodule``'s samples carry class labels: its ``has_labels`` (visdistill's
+    data modules), else ``True`` (any other data is taken as labelled)."""
+    return bool(getattr(datamodule, "has_labels", True))
 
 
 def split_indices(
@@ -118,6 +129,8 @@ class VisionDataModule(L.LightningDataModule):
         test_subset: evaluate on this many test samples (seeded random subset).
         seed: seeds the split, subsets and augmentation parameters (the shuffle order
             follows the training run's seed).
+        labels: ``False`` ignores the data's labels: every sample's ``target`` is ``-1``
+            in every split (label-free distillation; no accuracy is measured).
     """
 
     num_classes: int = 0
@@ -132,6 +145,7 @@ class VisionDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         seed: int = 0,
+        labels: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -148,10 +162,15 @@ class VisionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size, self.augment = image_size, augment
         self.val_split, self.train_subset, self.test_subset = val_split, train_subset, test_subset
-        self.seed = seed
+        self.seed, self.labels = seed, labels
         self.train_set = self.val_set = self.test_set = None
         # Recorded in checkpoints; `visdistill export` reads image_size from here.
         self.save_hyperparameters()
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether samples carry class labels (else every ``target`` is ``-1``)."""
+        return self.labels and self.num_classes > 0
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -213,6 +232,13 @@ class ArrayDataModule(VisionDataModule):
     def load(self, train: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`load`, with every target ``-1`` when labels are off."""
+        images, targets = self.load(train)
+        if not self.has_labels:
+            targets = torch.full_like(targets, UNLABELLED)
+        return images, targets
+
     def _canonical(self, images: Tensor) -> Tensor:
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
@@ -240,7 +266,7 @@ class ArrayDataModule(VisionDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            images, targets = self.load(train=True)
+            images, targets = self._load(train=True)
             images = self._canonical(images)
             train_idx, val_idx = split_indices(
                 len(images), self.val_split, self.seed, self.train_subset
@@ -248,6 +274,6 @@ class ArrayDataModule(VisionDataModule):
             self.train_set = ArrayImageDataset(images, targets, train_idx, self._train_transform())
             self.val_set = ArrayImageDataset(images, targets, val_idx)
         if stage in (None, "test", "predict") and self.test_set is None:
-            images, targets = self.load(train=False)
+            images, targets = self._load(train=False)
             idx = subset(len(images), self.test_subset, self.seed)
             self.test_set = ArrayImageDataset(self._canonical(images), targets, idx)

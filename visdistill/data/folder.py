@@ -1,4 +1,5 @@
-"""Image folders (``root/<class>/<image>``), read with PIL through torchvision."""
+"""Image folders (``root/<class>/<image>``, or a flat ``root/<image>`` without labels), read
+with PIL through torchvision."""
 
 from __future__ import annotations
 
@@ -14,14 +15,35 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ..errors import DataNotFoundError
-from .base import VisionDataModule, split_indices, subset, warn_large_subset
+from .base import UNLABELLED, VisionDataModule, split_indices, subset, warn_large_subset
+
+
+class FlatFolder:
+    """The images directly in ``root`` (no class sub-folders), sorted by name, without labels:
+    what :class:`ImageFolder` offers (``samples`` with target ``-1``, no ``classes``,
+    ``loader``)."""
+
+    def __init__(self, root: Path, images: list[Path]) -> None:
+        self.root, self.classes, self.loader = root, [], load_image
+        self.samples = [(str(p), UNLABELLED) for p in images]
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
 
 class _IndexedFolder(Dataset):
-    """Samples ``indices`` of an ImageFolder as canonical dict samples."""
+    """Samples ``indices`` of an image folder as canonical dict samples (``target`` ``-1``
+    when ``labelled`` is false)."""
 
-    def __init__(self, folder: ImageFolder, indices: Tensor, transform: v2.Transform) -> None:
+    def __init__(
+        self,
+        folder: ImageFolder | FlatFolder,
+        indices: Tensor,
+        transform: v2.Transform,
+        labelled: bool = True,
+    ) -> None:
         self.folder, self.indices, self.transform = folder, indices, transform
+        self.labelled = labelled
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -37,7 +59,7 @@ class _IndexedFolder(Dataset):
             ) from e
         return {
             "image": self.transform(image),
-            "target": torch.tensor(target),
+            "target": torch.tensor(target if self.labelled else UNLABELLED),
             "index": torch.tensor(j),
         }
 
@@ -69,9 +91,35 @@ def _empty_class_folders(path: Path) -> list[str]:
     ]
 
 
-def _open_folder(path: Path, role: str) -> ImageFolder:
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _flat_images(path: Path, role: str) -> list[Path] | None:
+    """The images directly in ``path`` when it is a flat folder (images, no class
+    sub-folders holding images), else ``None``; a folder holding both is an error."""
+    images = sorted(p for p in path.iterdir() if _is_image(p))
+    if not images:
+        return None
+    empty = set(_empty_class_folders(path))
+    classes = [d.name for d in sorted(path.iterdir()) if d.is_dir() and d.name not in empty]
+    if classes:
+        raise DataNotFoundError(
+            f"{role} {path.resolve()} holds both images ({images[0].name}, ...) and class "
+            f"sub-folders ({', '.join(classes[:5])}); put every image in a class folder "
+            "(labelled data), or every image directly in the folder (data without labels)"
+        )
+    return images
+
+
+def _open_folder(path: Path, role: str) -> ImageFolder | FlatFolder:
+    """An :class:`ImageFolder` of ``<path>/<class>/<image>``, or a :class:`FlatFolder` of
+    ``<path>/<image>`` (data without labels)."""
     if not path.is_dir():
         raise DataNotFoundError(f"{role} directory not found: {path.resolve()}")
+    flat = _flat_images(path, role)
+    if flat is not None:
+        return FlatFolder(path, flat)
     try:
         return ImageFolder(str(path), loader=load_image)
     except FileNotFoundError as e:
@@ -89,13 +137,19 @@ def _open_folder(path: Path, role: str) -> ImageFolder:
 
 
 class ImageFolderDataModule(VisionDataModule):
-    """A data set laid out as ``<dir>/<class>/<image>``.
+    """A data set laid out as ``<dir>/<class>/<image>``, or, without labels, as
+    ``<dir>/<image>``.
+
+    A flat ``train_dir`` (images directly in it, no class sub-folders) has no labels:
+    every ``target`` is ``-1`` (label-free distillation), as with ``labels: false`` on a
+    folder with classes. Without training labels every split is read without labels, so
+    ``val_dir`` / ``test_dir`` may be flat too.
 
     Args:
         train_dir: training images; validation is carved from it unless ``val_dir``.
         val_dir: optional separate validation images.
         test_dir: optional test images (needed for ``visdistill test``).
-        **kwargs: see :class:`~visdistill.data.base.VisionDataModule`.
+        **kwargs: see :class:`~visdistill.data.base.VisionDataModule` (``labels``, ...).
 
     Train images get ``RandomResizedCrop`` + flip when ``augment``; evaluation images
     are resized (short side) and centre-cropped to ``image_size``.
@@ -110,6 +164,9 @@ class ImageFolderDataModule(VisionDataModule):
         self.test_dir = Path(test_dir) if test_dir else None
         self.num_classes = len(_open_folder(self.train_dir, "train_dir").classes)
 
+    def _indexed(self, folder, indices: Tensor, train: bool) -> _IndexedFolder:
+        return _IndexedFolder(folder, indices, self._transform(train), self.has_labels)
+
     def _transform(self, train: bool) -> v2.Transform:
         to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
         if train and self.augment:
@@ -123,7 +180,7 @@ class ImageFolderDataModule(VisionDataModule):
             train = _open_folder(self.train_dir, "train_dir")
             if self.val_dir is not None:
                 val = _open_folder(self.val_dir, "val_dir")
-                if val.classes != train.classes:
+                if self.has_labels and val.classes != train.classes:
                     raise DataNotFoundError(
                         f"val_dir classes {val.classes} differ from train_dir classes {train.classes}"
                     )
@@ -136,11 +193,11 @@ class ImageFolderDataModule(VisionDataModule):
                     len(train), self.val_split, self.seed, self.train_subset
                 )
                 val_src = train
-            self.train_set = _IndexedFolder(train, train_idx, self._transform(train=True))
-            self.val_set = _IndexedFolder(val_src, val_idx, self._transform(train=False))
+            self.train_set = self._indexed(train, train_idx, train=True)
+            self.val_set = self._indexed(val_src, val_idx, train=False)
         if stage in (None, "test", "predict") and self.test_set is None:
             if self.test_dir is None:
                 raise DataNotFoundError("no test_dir configured (data.init_args.test_dir)")
             test = _open_folder(self.test_dir, "test_dir")
             idx = subset(len(test), self.test_subset, self.seed)
-            self.test_set = _IndexedFolder(test, idx, self._transform(train=False))
+            self.test_set = self._indexed(test, idx, train=False)

@@ -30,7 +30,20 @@ class DistillTerm(nn.Module):
       stages (``ModelOutput.prefix_tokens``; ViT-like students only). Set it in ``setup``;
     - ``needs_teacher_logits``: whether it reads the teachers' logits themselves, not only
       the distributions they define (a teacher cache stores log-probabilities, which give
-      the same softmax at any temperature but not the same logits).
+      the same softmax at any temperature but not the same logits);
+    - ``needs_logits``: whether it reads class predictions (``ModelOutput.logits``) of the
+      student and of its teachers. Such a term is refused, naming it and the model, when the
+      student or one of its teachers is headless (``num_classes: 0``, ``logits`` is
+      ``None``); give it ``teachers=[...]`` to read only the classifier teachers;
+    - ``needs_labels``: whether it reads ``target`` (class labels). Such a term is refused
+      when the data has no labels.
+
+    Which teachers a term reads: ``teachers`` (constructor argument) lists them by name
+    (their ``alias`` or short name, as in ``val/<name>_acc``) or by position; ``None``
+    means all. The module builds and calls the term with those teachers only (``setup``
+    gets their backbones, ``forward`` their outputs, in the listed order), so a term never
+    sees a teacher it did not ask for. ``teacher_stages`` given per teacher and the
+    ``(B, M)`` teacher weights are over the term's own teachers.
 
     ``setup(student, teachers)`` runs once when the module is built, before any
     forward pass: build projectors from ``feature_info`` there, so the optimizer sees
@@ -40,9 +53,9 @@ class DistillTerm(nn.Module):
     Per-sample teacher weights are how
     multi-teacher methods compose with any other term: a term that sets
     ``provides_teacher_weights = True`` returns a ``(B, M)`` matrix (rows sum to 1) from
-    :meth:`teacher_weights`; the module computes it first and passes it to *every*
-    term's ``forward`` as ``teacher_weights`` (``None`` means uniform). At most one term
-    per module may provide weights.
+    :meth:`teacher_weights`; the module computes it first and passes it to every term that
+    reads the same teachers as ``teacher_weights`` (``None``, meaning uniform, to a term
+    that reads other teachers). At most one term per module may provide weights.
 
     Training-time context a term may read: ``progress`` (fraction of the fit done, in
     ``[0, 1]``) and ``epoch`` (fractional epoch), refreshed before every training step;
@@ -60,6 +73,7 @@ class DistillTerm(nn.Module):
 
     Args:
         weight: multiplier of this term in the total loss.
+        teachers: the teachers this term reads, by name or position (``None``: all).
     """
 
     name: str = "term"
@@ -68,11 +82,23 @@ class DistillTerm(nn.Module):
     needs_pooled: bool = False
     needs_prefix_tokens: bool = False
     needs_teacher_logits: bool = False
+    needs_logits: bool = False
+    needs_labels: bool = False
     provides_teacher_weights: bool = False
 
-    def __init__(self, weight: float = 1.0) -> None:
+    def __init__(self, weight: float = 1.0, teachers: Sequence[str | int] | None = None) -> None:
         super().__init__()
         self.weight = float(weight)
+        if teachers is not None and (isinstance(teachers, (str, int)) or not list(teachers)):
+            raise ConfigError(
+                f"{type(self).__name__} teachers must be a non-empty list of teacher names or "
+                f"positions (or null for all teachers), got {teachers!r}"
+            )
+        self.teacher_refs: tuple[str | int, ...] | None = (
+            tuple(teachers) if teachers is not None else None
+        )
+        # Positions in the module's ensemble, resolved by the module from teacher_refs.
+        self.teacher_indices: tuple[int, ...] = ()
         self.progress = 0.0
         self.epoch = 0.0
         self.last_metrics: dict[str, Tensor] = {}
@@ -100,6 +126,11 @@ class DistillTerm(nn.Module):
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         """Build parameters that depend on the models (projectors, class means ...)."""
+
+    def own(self, items: Sequence[Any]) -> list[Any]:
+        """The elements of a per-teacher sequence over the module's whole ensemble (teacher
+        backbones, outputs) that belong to this term's teachers, in the term's order."""
+        return [items[i] for i in self.teacher_indices]
 
     def warmup_factor(self, warmup_epochs: float) -> float:
         """``min(1, epoch / warmup_epochs)`` (1 when ``warmup_epochs`` is 0)."""

@@ -37,6 +37,7 @@ class DisWOT(DistillTerm):
         teacher_stage: one stage for all teachers, or one per teacher.
         semantic_weight, relation_weight: multipliers of the two parts (0 turns one off).
         weight: multiplier of the whole term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "diswot"
@@ -48,8 +49,9 @@ class DisWOT(DistillTerm):
         semantic_weight: float = 1.0,
         relation_weight: float = 1.0,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if semantic_weight < 0 or relation_weight < 0 or semantic_weight + relation_weight == 0:
             raise ConfigError(
                 "DisWOT needs non-negative semantic_weight and relation_weight, not both 0; got "

@@ -24,9 +24,12 @@ class DKD(DistillTerm):
         temperature: ``T`` (mdistiller: 4 on CIFAR, 1 on ImageNet).
         warmup_epochs: linear ramp of the term (mdistiller: 20 of 240 epochs).
         weight: multiplier in the total loss.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "dkd"
+    needs_logits = True
+    needs_labels = True
 
     def __init__(
         self,
@@ -35,8 +38,9 @@ class DKD(DistillTerm):
         temperature: float = 4.0,
         warmup_epochs: float = 0.0,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if temperature <= 0:
             raise ConfigError(f"DKD temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)

@@ -24,14 +24,20 @@ class KD(DistillTerm):
         warmup_epochs: ramp the term linearly from 0 over this many epochs (the ND
             paper's KD++ warms the base KD term up; 0 disables).
         weight: multiplier in the total loss.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "kd"
+    needs_logits = True
 
     def __init__(
-        self, temperature: float = 4.0, warmup_epochs: float = 0.0, weight: float = 1.0
+        self,
+        temperature: float = 4.0,
+        warmup_epochs: float = 0.0,
+        weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if temperature <= 0:
             raise ConfigError(f"KD temperature must be > 0, got {temperature}")
         self.temperature, self.warmup_epochs = float(temperature), float(warmup_epochs)

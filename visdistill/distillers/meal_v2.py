@@ -101,9 +101,11 @@ class MEALV2(DistillTerm):
         disc_reduction: ``K`` of the discriminator's widths ``C -> C//K -> C//K^2 -> 2``
             (official 8).
         weight: multiplier of the whole term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "meal_v2"
+    needs_logits = True
 
     def __init__(
         self,
@@ -115,8 +117,9 @@ class MEALV2(DistillTerm):
         disc_lr_scale: float = 1.0,
         disc_reduction: int = 8,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if disc_reduction < 1:
             raise ConfigError(f"MEALV2 disc_reduction must be >= 1, got {disc_reduction}")
         self.disc_reduction = int(disc_reduction)

@@ -122,9 +122,11 @@ class MSTRouting(DistillTerm):
         gate_reduction: the gates' bottleneck ratio ``r``.
         gate_ce_weight: weight of the gated teacher's label CE in the gate loss.
         weight: multiplier of the term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "mst"
+    needs_logits = True
     provides_teacher_weights = True
 
     def __init__(
@@ -141,8 +143,9 @@ class MSTRouting(DistillTerm):
         gate_reduction: int = 4,
         gate_ce_weight: float = 1.0,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if mode not in ROUTER_MODES:
             raise ConfigError(f"MSTRouting mode must be one of {ROUTER_MODES}, got {mode!r}")
         if router_input not in ROUTER_INPUTS:
@@ -172,8 +175,10 @@ class MSTRouting(DistillTerm):
         self.gate_ce_weight = float(gate_ce_weight)
         # Gates read the teachers' pooled features; the embedding router the student's.
         self.needs_pooled = router_input == "student_embedding" or feature_gates
+        # Utility routing and the gates' anchor read the class labels.
+        self.needs_labels = mode == "utility" or feature_gates
         self.n_teachers = self.n_experts = 0
-        self._pending: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+        self._pending: tuple[ModelOutput, Tensor, Tensor, Tensor | None] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         m, k = len(teachers), student.num_classes
@@ -237,11 +242,11 @@ class MSTRouting(DistillTerm):
 
     def _route(self, student: ModelOutput, teachers: Sequence[ModelOutput]):
         # The module calls teacher_weights() then forward() on the same outputs: compute once.
-        if self._pending is not None and self._pending[0] is student.logits:
+        if self._pending is not None and self._pending[0] is student:
             return self._pending[1:]
         experts, gated = self.experts(teachers)
         g = self.gates(student, experts)
-        self._pending = (student.logits, g, experts, gated)
+        self._pending = (student, g, experts, gated)
         return g, experts, gated
 
     def teacher_weights(

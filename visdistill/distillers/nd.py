@@ -56,9 +56,11 @@ class ND(DistillTerm):
             does, on CIFAR); ``False`` switches the training transform off for the pass.
         dropout: dropout of the projectors (reference 0.5).
         weight: multiplier (the reference's ``nd`` weight; 0.5 to 4 in its scripts).
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "nd"
+    needs_labels = True
     needs_pooled = True
 
     def __init__(
@@ -68,8 +70,9 @@ class ND(DistillTerm):
         augmented: bool = True,
         dropout: float = 0.5,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         self.class_means_file, self.cache_dir = class_means_file, cache_dir
         self.augmented, self.dropout = augmented, float(dropout)
         self.projectors = nn.ModuleList()
@@ -77,6 +80,12 @@ class ND(DistillTerm):
         self.num_teachers = 0
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
+        if student.headless:
+            raise ConfigError(
+                f"ND keeps one teacher class mean per class of the student's classifier, but the "
+                f"student {student.name} is headless (num_classes 0); give it num_classes, or "
+                "remove ND"
+            )
         d_s, k = student.num_features, student.num_classes
         self.num_teachers = len(teachers)
         for i, teacher in enumerate(teachers):
@@ -129,6 +138,8 @@ class ND(DistillTerm):
         for batch in batches:
             images, target = batch["image"].to(device), batch["target"].to(device)
             outs = teachers(images, pooled=True)
+            if self.teacher_indices:  # the module's ensemble: this term's teachers only
+                outs = self.own(outs)
             for s, out in zip(sums, outs, strict=True):
                 s.index_add_(0, target, out.pooled.double())
             counts += torch.bincount(target, minlength=k).double()
@@ -193,7 +204,9 @@ class ND(DistillTerm):
             return None
         root = self.cache_dir or os.environ.get("VISDISTILL_CACHE") or "~/.cache/visdistill"
         dm = getattr(module.trainer, "datamodule", None)
-        key = class_means_key(module.teachers, dm, len(loader.dataset), self.augmented)
+        key = class_means_key(
+            self.own(list(module.teachers)), dm, len(loader.dataset), self.augmented
+        )
         return Path(root).expanduser() / "class_means" / f"{key}.safetensors"
 
     # ------------------------------------------------------------------ loss
@@ -209,7 +222,7 @@ class ND(DistillTerm):
                 "ND class means are not set: they are computed when fit starts, or call "
                 "ND.set_class_means(...) / pass class_means_file"
             )
-        weights = uniform_or(teacher_weights, len(target), len(teachers), student.logits)
+        weights = uniform_or(teacher_weights, len(target), len(teachers), student.pooled)
         losses = [
             nd_loss(proj(student.pooled), t.pooled, means, target, reduction="none")
             for proj, t, means in zip(self.projectors, teachers, self.class_means(), strict=True)

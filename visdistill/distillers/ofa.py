@@ -168,9 +168,12 @@ class OFA(DistillTerm):
         branch: ``"auto"`` (from the student's stage strides), ``"cnn"`` or ``"token"``.
         final_grid: token branches merge patches down to this grid side (reference 7).
         weight: multiplier of the whole term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "ofa"
+    needs_logits = True
+    needs_labels = True
 
     def __init__(
         self,
@@ -182,8 +185,9 @@ class OFA(DistillTerm):
         branch: str = "auto",
         final_grid: int = 7,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if branch not in _BRANCH_KINDS:
             raise ConfigError(f"OFA branch must be one of {_BRANCH_KINDS}, got {branch!r}")
         if temperature <= 0:

@@ -48,6 +48,7 @@ class TRG(DistillTerm):
         hard_global: the paper's one-hot InfoNCE instead of our soft target.
         context_weight, local_weight, global_weight: weights of the three losses.
         weight: multiplier of the whole term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "trg"
@@ -66,8 +67,9 @@ class TRG(DistillTerm):
         local_weight: float = 1.0,
         global_weight: float = 1.0,
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if grid < 2:
             raise ConfigError(f"TRG grid must be >= 2 (a token graph needs tokens), got {grid}")
         if not 0 < tau_end <= tau_start:
@@ -112,8 +114,9 @@ class TRG(DistillTerm):
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         b = len(target)
-        weights = uniform_or(teacher_weights, b, len(teachers), student.logits)
-        s_tok = feature_map_tokens(student.stages[self.student_stage], self.grid)  # (B, L, C)
+        s_map = student.stages[self.student_stage]
+        weights = uniform_or(teacher_weights, b, len(teachers), s_map)
+        s_tok = feature_map_tokens(s_map, self.grid)  # (B, L, C)
         n_tok = s_tok.shape[1]
         m = min(self.tokens_per_image, n_tok)
         # Same positions for the student and every teacher, so nodes correspond.

@@ -96,6 +96,7 @@ class UNIC(DistillTerm):
             class token when the student has one, as the paper's ViT students do; else the
             average-pooled map) or ``"pool"`` (always the pooled map).
         weight: multiplier of the term.
+        teachers: the teachers this term reads, by name or position (default: all).
     """
 
     name = "unic"
@@ -110,8 +111,9 @@ class UNIC(DistillTerm):
         hidden: int | None = None,
         student_cls: str = "auto",
         weight: float = 1.0,
+        teachers: Sequence[str | int] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, teachers)
         if student_cls not in ("auto", "pool"):
             raise ConfigError(f"UNIC student_cls must be 'auto' or 'pool', got {student_cls!r}")
         self.student_cls = student_cls
@@ -122,7 +124,7 @@ class UNIC(DistillTerm):
         self.requested_stages = tuple(student_stages) if student_stages is not None else None
         self.drop_prob, self.normalize, self.hidden = float(drop_prob), normalize, hidden
         self.teacher_stages = (-1,)
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
+        self._pending: tuple[ModelOutput, Tensor, Tensor] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         n = len(student.feature_info)
@@ -187,7 +189,7 @@ class UNIC(DistillTerm):
         losses = self.per_teacher_losses(student, teachers)
         coeff = teacher_drop_coefficients(losses, self.drop_prob, self.normalize)
         # forward() reuses these for the same outputs (the module calls both per step).
-        self._pending = (student.logits, losses, coeff)
+        self._pending = (student, losses, coeff)
         keep = (coeff > 0).float()
         return keep / keep.sum(-1, keepdim=True)
 
@@ -198,7 +200,7 @@ class UNIC(DistillTerm):
         target: Tensor,
         teacher_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        if self._pending is None or self._pending[0] is not student.logits:
+        if self._pending is None or self._pending[0] is not student:
             self.teacher_weights(student, teachers, target)  # called on its own
         _, losses, coeff = self._pending
         self._pending = None
