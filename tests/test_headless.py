@@ -110,6 +110,24 @@ def test_other_refusals_name_the_headless_model(tmp_path):
         DistillationModule(student=_model(0), teachers=[_model(10)], terms=[ND(cache_dir="")])
     with pytest.raises(ConfigError, match="headless .* no classifier to train with labels"):
         DistillationModule(student=_model(0))
+    module = DistillationModule(student=_model(0), teachers=[_model(0)], terms=[UNIC()])
+    with pytest.raises(ConfigError, match="headless .* predicts no classes"):
+        module.predict_step({"image": torch.rand(2, 3, 32, 32), "index": torch.arange(2)}, 0)
+
+
+def test_validation_loss_without_accuracy_keeps_every_teacher():
+    """UNIC drops teachers in training only: val/loss is the same on every pass."""
+    module = DistillationModule(
+        student=_model(0), teachers=[_model(0), _model(0)], terms=[UNIC(drop_prob=0.9)]
+    ).eval()
+    batch = {"image": torch.rand(8, 3, 32, 32), "target": torch.full((8,), -1)}
+    with torch.no_grad():
+        first, _, out = module.compute_losses(batch)
+        weights = module.terms[0].teacher_weights(
+            out, module.teachers(batch["image"], (-1,), True), batch["target"]
+        )
+        assert torch.equal(module.compute_losses(batch)[0], first)
+    assert torch.equal(weights, torch.full((8, 2), 0.5))
 
 
 def test_headless_student_with_feature_term_logs_no_accuracy():
@@ -194,7 +212,9 @@ def test_flat_image_folder_trains_label_free_through_the_cli_and_exports(tmp_pat
     assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file()
     summary = json.loads((tmp_path / "runs" / "flat" / "summary.json").read_text())
     assert summary["best_val_acc"] is None and summary["best_val_loss"] is not None
-    assert "best val/loss" in capsys.readouterr().out
+    assert set(summary["val"]) == {"loss"}  # no accuracy anywhere, the distillation loss
+    out = capsys.readouterr().out
+    assert "best val/loss" in out and "val loss" in out and "no accuracy" in out
 
     main(["export", str(ckpts / "best.ckpt"), "--out", str(tmp_path / "student")])
     exported = json.loads((tmp_path / "student" / "config.json").read_text())

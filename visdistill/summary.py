@@ -311,7 +311,7 @@ class RunSummary(Callback):
             )
         scores, split = (r["test"], "test") if r.get("test") else (r.get("val") or {}, "val")
         if scores:
-            lines.append(f"  {split} top-1".ljust(18) + _scores_text(scores))
+            lines.append(f"  {split} {_label(scores)}".ljust(18) + _scores_text(scores))
         if r.get("best_teacher") is not None:
             lines.append(
                 f"  gap to best     {r['gap_to_best_teacher']:+.2f} points vs "
@@ -334,7 +334,9 @@ class RunSummary(Callback):
 
 
 def _scores(metrics: dict[str, Any], split: str, teacher_names: list[str]) -> dict[str, Any]:
-    """``{"student": acc, "teachers": {name: acc}, "ensemble": acc}`` from logged metrics."""
+    """``{"student": acc, "teachers": {name: acc}, "ensemble": acc}`` from logged metrics;
+    without a student accuracy (headless student, data without labels) ``"loss"``: the
+    distillation loss."""
 
     def get(key: str) -> float | None:
         value = metrics.get(key)
@@ -343,6 +345,8 @@ def _scores(metrics: dict[str, Any], split: str, teacher_names: list[str]) -> di
     out: dict[str, Any] = {}
     if (student := get(f"{split}/acc")) is not None:
         out["student"] = student
+    elif (loss := get(f"{split}/loss")) is not None:
+        out["loss"] = loss
     teachers = {n: v for n in teacher_names if (v := get(f"{split}/{n}_acc")) is not None}
     if teachers:
         out["teachers"] = teachers
@@ -366,6 +370,8 @@ def _scores_text(scores: dict[str, Any]) -> str:
     parts = []
     if "student" in scores:
         parts.append(f"student {format_metric('acc', scores['student'])}")
+    if "loss" in scores:
+        parts.append(f"student distillation loss {format_metric('loss', scores['loss'])}")
     parts += [f"{n} {format_metric('acc', v)}" for n, v in (scores.get("teachers") or {}).items()]
     if ENSEMBLE in scores:
         parts.append(f"{ENSEMBLE} {format_metric('acc', scores[ENSEMBLE])}")
@@ -376,4 +382,9 @@ def format_scores(what: str, scores: dict[str, Any], ckpt_path: str | None) -> s
     """One block for ``visdistill test`` / ``validate``: top-1 of student and teachers."""
     source = f" ({ckpt_path})" if ckpt_path else ""
     text = _scores_text(scores) or "no accuracy logged"
-    return f"visdistill {what}{source}\n  top-1  {text}"
+    return f"visdistill {what}{source}\n  {_label(scores)}  {text}"
+
+
+def _label(scores: dict[str, Any]) -> str:
+    """``top-1`` when the scores hold an accuracy, ``loss`` when only the loss."""
+    return "loss" if set(scores) == {"loss"} else "top-1"

@@ -83,7 +83,8 @@ class UNIC(DistillTerm):
     ``l = 0.5 (1 - cos) + 0.5 SmoothL1`` against the teacher's features standardised by
     running statistics (momentum annealed from 1 to 0.001 over the fit, cosine). Teacher
     dropping keeps each sample's worst-matched teacher and drops each other teacher with
-    probability ``drop_prob``. The term provides per-sample teacher weights (the kept
+    probability ``drop_prob`` (in training only: in evaluation every teacher is kept). The
+    term provides per-sample teacher weights (the kept
     teachers of each sample, normalised), so a ``KD`` term in the same config follows
     the same dropping.
 
@@ -187,7 +188,10 @@ class UNIC(DistillTerm):
         self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
     ) -> Tensor:
         losses = self.per_teacher_losses(student, teachers)
-        coeff = teacher_drop_coefficients(losses, self.drop_prob, self.normalize)
+        # Dropping regularises training; in evaluation every teacher counts, so the loss of
+        # a validation batch (val/loss without accuracy) does not depend on random draws.
+        p = self.drop_prob if self.training else 0.0
+        coeff = teacher_drop_coefficients(losses, p, self.normalize)
         # forward() reuses these for the same outputs (the module calls both per step).
         self._pending = (student, losses, coeff)
         keep = (coeff > 0).float()
