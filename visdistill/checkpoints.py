@@ -30,37 +30,48 @@ STRIPPABLE_PREFIXES = ("module.", "student.model.", "model.")
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file, without unpickling code.
-
-    Returns a flat ``{name: tensor}`` dict with the wrapper prefixes removed.
-    """
+def read_checkpoint_file(
+    path: str | os.PathLike, fix: str, mmap: bool = False, safetensors: bool = False
+) -> Any:
+    """The contents of a checkpoint file, never unpickling code: ``torch.load(weights_only=
+    True)`` (or safetensors' ``load_file`` when ``safetensors`` and the suffix is
+    ``.safetensors``). A missing, empty, code-carrying or unreadable file is one
+    :class:`CheckpointError` naming it; ``fix`` (what to do instead) ends the messages of
+    a missing or empty file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint not found: {path} (resolved: {path.resolve()}); "
-            "check the path, or train/export the model first"
-        )
+        raise CheckpointError(f"checkpoint not found: {path} (resolved: {path.resolve()}); {fix}")
     if path.stat().st_size == 0:
         raise CheckpointError(
             f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
-            "interrupted. Use an earlier copy of the weights"
+            f"interrupted. {fix[0].upper() + fix[1:]}"
         )
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        if safetensors and path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} holds pickled objects other than tensors, which visdistill refuses "
             f"to load (weights_only=True). Re-save it as a plain state dict or safetensors. "
             f"torch said: {str(e).splitlines()[0]}"
-        ) from e
+        ) from None
     except Exception as e:  # truncated or not a checkpoint at all
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from e
+        ) from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, without unpickling code.
+
+    Returns a flat ``{name: tensor}`` dict with the wrapper prefixes removed.
+    """
+    state = read_checkpoint_file(
+        path,
+        "check the path, or train/export the model first",
+        safetensors=True,
+    )
     return clean_state_dict(state, source=str(path))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import atomic_write, save_safetensors_atomic
+from .checkpoints import atomic_write, read_checkpoint_file, save_safetensors_atomic
 from .errors import CheckpointError, format_keys
 from .models import Backbone, ModelConfig, fixed_input_size
 
@@ -27,17 +27,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A visdistill Lightning checkpoint, loaded with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path.resolve()}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(
-            f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
-            "interrupted. Export another checkpoint of the run"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} with weights_only=True: {e}") from e
+    ckpt = read_checkpoint_file(path, "export another checkpoint of the run")
     if "state_dict" not in ckpt or "student" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(
             f"{path} is not a visdistill Lightning checkpoint (no student hyper-parameters); "

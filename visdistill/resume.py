@@ -18,7 +18,6 @@ silently different run. Randomly initialised teachers are kept in the checkpoint
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import state_digest
+from .checkpoints import read_checkpoint_file, state_digest
 from .errors import CheckpointError, format_keys
 from .teachers import teacher_fingerprint
 
@@ -40,29 +39,12 @@ TEACHER_PREFIX = "teachers."
 def check_checkpoint_file(path: str | os.PathLike) -> None:
     """Refuse a ``ckpt_path`` that is missing, unreadable or carries pickled code, naming it
     (Lightning would raise from deep inside ``torch.load``). Reads lazily (``mmap``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint not found: {path} (resolved: {path.resolve()}); give the .ckpt of a "
-            "`visdistill fit` run, e.g. runs/<name>/checkpoints/last.ckpt, or `last`"
-        )
-    if path.stat().st_size == 0:
-        raise CheckpointError(
-            f"checkpoint {path} is an empty file (0 bytes): the write that made it was "
-            "interrupted. Resume from another checkpoint (--ckpt_path last takes the newest "
-            "usable last.ckpt; best.ckpt is also one)"
-        )
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds pickled objects other than tensors, which visdistill refuses to "
-            f"load (weights_only=True). torch said: {str(e).splitlines()[0]}"
-        ) from None
-    except Exception as e:  # truncated, or not a checkpoint at all
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+    read_checkpoint_file(
+        path,
+        "give the .ckpt of a `visdistill fit` run, e.g. runs/<name>/checkpoints/last.ckpt, or "
+        "`last` (--ckpt_path last takes the newest usable last.ckpt; best.ckpt is also one)",
+        mmap=True,
+    )
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
