@@ -178,6 +178,20 @@ def ensemble_log_probs(
     return torch.logsumexp(log_probs + weights.float().log().unsqueeze(-1), dim=1)
 
 
+def one_stage_per_teacher(stage: int | Sequence[int], n: int, owner: str) -> list[int]:
+    """A term's ``teacher_stage`` (one index for all ``n`` teachers, or one per teacher) as
+    ``n`` ints; ``owner`` names the term in the error for a list of the wrong length."""
+    if isinstance(stage, int):
+        return [stage] * n
+    stages = [int(s) for s in stage]
+    if len(stages) != n:
+        raise ConfigError(
+            f"{owner} teacher_stage lists {len(stages)} stages for {n} teachers; give one "
+            "index per teacher or a single index"
+        )
+    return stages
+
+
 def per_teacher_stages(stages, n: int) -> list[tuple[int, ...]]:
     """One tuple of stage indices for all ``n`` teachers, or one per teacher -> ``n`` tuples."""
     if not stages:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..losses.diswot import ickd_distance, similarity_preserving_distance
 from ..models import Backbone, ModelOutput
+from ..teachers import one_stage_per_teacher
 from .base import DistillTerm, uniform_or
 
 
@@ -64,15 +65,7 @@ class DisWOT(DistillTerm):
         self.projectors = nn.ModuleList()
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
-        stages = self._teacher_stage
-        if isinstance(stages, int):
-            stages = [stages] * len(teachers)
-        stages = [int(s) for s in stages]
-        if len(stages) != len(teachers):
-            raise ConfigError(
-                f"DisWOT teacher_stage lists {len(stages)} stages for {len(teachers)} teachers; "
-                "give one int, or one per teacher"
-            )
+        stages = one_stage_per_teacher(self._teacher_stage, len(teachers), "DisWOT")
         student.check_stages([self.student_stage])
         c_s = student.feature_info[self.student_stage]["num_chs"]
         self.teacher_stages = [(s,) for s in stages]

@@ -16,6 +16,7 @@ from ..losses.trg import (
     trg_local_loss,
 )
 from ..models import Backbone, ModelOutput
+from ..teachers import one_stage_per_teacher
 from .base import DistillTerm, uniform_or
 
 
@@ -85,15 +86,7 @@ class TRG(DistillTerm):
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         student.check_stages(self.student_stages)
-        if isinstance(self.teacher_stage, int):
-            per_teacher = [self.teacher_stage] * len(teachers)
-        else:
-            per_teacher = [int(s) for s in self.teacher_stage]
-            if len(per_teacher) != len(teachers):
-                raise ConfigError(
-                    f"TRG teacher_stage lists {len(per_teacher)} stages for {len(teachers)} "
-                    "teachers; give one index per teacher or a single index"
-                )
+        per_teacher = one_stage_per_teacher(self.teacher_stage, len(teachers), "TRG")
         self.per_teacher_stage = per_teacher
         self.teacher_stages = tuple((s,) for s in per_teacher)
         c_s = student.feature_info[self.student_stage]["num_chs"]
