@@ -195,3 +195,17 @@ def test_mst_config_errors():
         MSTRouting(router_input="labels")
     with pytest.raises(ConfigError, match="each provide per-sample teacher weights"):
         DistillationModule(ModelConfig(**CNN), TEACHERS, [MSTRouting(), UNIC()])
+
+
+def test_teacher_weighted_mean_by_hand():
+    from visdistill.losses import teacher_weighted_mean
+
+    a, b = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 0.0])
+    # Uniform: mean over both samples of (1 + 3) / 2 and (4 + 0) / 2 -> (2 + 2) / 2 = 2.
+    assert teacher_weighted_mean([a, b], None).item() == 2.0
+    w = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    # Sample 0 listens to teacher a only (1), sample 1 gives 0.25 * 4 + 0.75 * 0 = 1.
+    assert teacher_weighted_mean([a, b], w).item() == 1.0
+    a.requires_grad_(True)
+    teacher_weighted_mean([a, b], w).backward()
+    assert torch.equal(a.grad, torch.tensor([0.5, 0.125]))  # w[:, 0] / B

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..checkpoints import atomic_write
 from ..errors import CheckpointError, ConfigError
+from ..losses.multi_teacher import teacher_weighted_mean
 from ..losses.nd import nd_loss
 from ..models import Backbone, ModelOutput
 from ..teachers import teacher_fingerprint
@@ -227,7 +228,7 @@ class ND(DistillTerm):
             nd_loss(proj(student.pooled), t.pooled, means, target, reduction="none")
             for proj, t, means in zip(self.projectors, teachers, self.class_means(), strict=True)
         ]
-        return {"nd": (weights * torch.stack(losses, 1)).sum(1).mean()}
+        return {"nd": teacher_weighted_mean(losses, weights)}
 
 
 def class_means_key(

@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..losses.multi_teacher import teacher_weighted_mean
 from ..losses.ofa import ofa_loss
 from ..models import Backbone, ModelOutput
 from .base import DistillTerm, uniform_or
@@ -251,10 +251,10 @@ class OFA(DistillTerm):
         probs = [(t.logits.float() / self.temperature).softmax(-1) for t in teachers]
 
         def loss(logits: Tensor, eps: float) -> Tensor:
-            per_teacher = torch.stack(
-                [ofa_loss(logits, p, target, eps, self.temperature, "none") for p in probs], 1
-            )
-            return (weights * per_teacher).sum(1).mean()
+            per_teacher = [
+                ofa_loss(logits, p, target, eps, self.temperature, "none") for p in probs
+            ]
+            return teacher_weighted_mean(per_teacher, weights)
 
         out = {}
         for i, s in enumerate(self.student_stages):

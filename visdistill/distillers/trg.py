@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..losses.multi_teacher import teacher_weighted_mean
 from ..losses.trg import (
     cosine_temperature,
     feature_map_tokens,
@@ -125,13 +126,10 @@ class TRG(DistillTerm):
             g = trg_global_loss(proj(s_nodes), t_nodes, tau, self.hard_global, "none")
             global_.append(g.view(b, m).mean(1))
 
-        def weighted(per_teacher: list[Tensor]) -> Tensor:
-            return (weights * torch.stack(per_teacher, 1)).sum(1).mean()
-
         return {
-            "context": self.context_weight * weighted(context),
-            "local": self.local_weight * weighted(local),
-            "global": self.global_weight * weighted(global_),
+            "context": self.context_weight * teacher_weighted_mean(context, weights),
+            "local": self.local_weight * teacher_weighted_mean(local, weights),
+            "global": self.global_weight * teacher_weighted_mean(global_, weights),
         }
 
 

@@ -21,6 +21,7 @@ from .multi_teacher import (
     fold_expert_weights,
     load_balancing_loss,
     teacher_drop_coefficients,
+    teacher_weighted_mean,
     topk_weights,
 )
 from .nd import nd_loss
@@ -54,6 +55,7 @@ __all__ = [
     "ofa_loss",
     "soft_cross_entropy",
     "teacher_drop_coefficients",
+    "teacher_weighted_mean",
     "topk_weights",
     "trg_contextual_loss",
     "trg_global_loss",

@@ -5,10 +5,26 @@ per-sample teacher weights, feature-matching and load-balancing losses (method n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def teacher_weighted_mean(per_teacher: Sequence[Tensor], weights: Tensor | None) -> Tensor:
+    """Batch mean of per-sample losses combined over teachers: ``mean_b sum_m w[b, m] *
+    l_m[b]``.
+
+    Args:
+        per_teacher: ``M`` per-sample losses, each ``(B,)``.
+        weights: per-sample teacher weights ``(B, M)`` (rows sum to 1), or ``None`` for
+            uniform ``1 / M``.
+    """
+    losses = torch.stack(list(per_teacher), 1)  # (B, M)
+    if weights is None:
+        weights = losses.new_full(losses.shape, 1.0 / losses.shape[1])
+    return (weights * losses).sum(1).mean()
 
 
 def feature_match_loss(pred: Tensor, target: Tensor) -> Tensor:
