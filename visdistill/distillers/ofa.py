@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -107,7 +108,7 @@ class TokenExit(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.merge(x).flatten(2).transpose(1, 2)  # (B, L, C)
+        tokens = rearrange(self.merge(x), "b c h w -> b (h w) c")
         return self.head(self.blocks(self.proj(tokens)).mean(dim=1))
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -173,11 +174,12 @@ class UNIC(DistillTerm):
                 for mlp, s in zip(self.cls_ladders[m], self.student_stages, strict=True)
             )
             pred_patch = sum(
-                mlp(_resample(student.stages[s], grid).flatten(2).transpose(1, 2))
+                mlp(rearrange(_resample(student.stages[s], grid), "b c h w -> b (h w) c"))
                 for mlp, s in zip(self.patch_ladders[m], self.student_stages, strict=True)
             )
             y_cls = self.cls_stats[m](out.pooled, alpha, update)
-            y_patch = self.patch_stats[m](t_map.flatten(2).transpose(1, 2), alpha, update)
+            t_tokens = rearrange(t_map, "b c h w -> b (h w) c")
+            y_patch = self.patch_stats[m](t_tokens, alpha, update)
             losses.append(
                 0.5
                 * (feature_match_loss(pred_cls, y_cls) + feature_match_loss(pred_patch, y_patch))

@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from .kd import _reduce
@@ -38,7 +39,7 @@ def feature_map_tokens(feature_map: Tensor, grid: int) -> Tensor:
         x = F.adaptive_avg_pool2d(feature_map, grid)
     else:
         x = F.interpolate(feature_map, size=(grid, grid), mode="bilinear", align_corners=False)
-    return x.flatten(2).transpose(1, 2)
+    return rearrange(x, "b c h w -> b (h w) c")
 
 
 def trg_contextual_loss(student_tokens: Tensor, teacher_tokens: Tensor, reduction: str = "mean"):
