@@ -55,11 +55,11 @@ def read_checkpoint_file(
             f"{path} holds pickled objects other than tensors, which visdistill refuses "
             f"to load (weights_only=True). Re-save it as a plain state dict or safetensors. "
             f"torch said: {str(e).splitlines()[0]}"
-        ) from None
+        ) from e  # the cause tells callers (the mmdet integration) what refused the file
     except Exception as e:  # truncated or not a checkpoint at all
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+        ) from e
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
