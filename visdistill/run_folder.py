@@ -296,6 +296,14 @@ def _is_stale(holder: dict[str, Any], flock_works: bool) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid == os.getpid():
         return True
+    return process_gone(socket.gethostname(), pid)
+
+
+def process_gone(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` no longer runs. Only this host's processes can be
+    checked: another host's is never reported gone."""
+    if host != socket.gethostname():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

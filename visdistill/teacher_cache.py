@@ -151,26 +151,18 @@ def _remove_stale_builds(out: Path) -> None:
     """Remove the temporary folders of builds of ``out`` that were killed (on this host, by
     a process that no longer exists): a cache's worth of arrays otherwise stays on disk.
     Only the cache's own files are removed, then the folder if that empties it."""
-    prefix, host = _building_prefix(out), socket.gethostname()
+    from .run_folder import process_gone
+
+    prefix = _building_prefix(out)
     for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
         parts = folder.name[len(prefix) :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue  # another host's build, or one named before host/pid were recorded
-        if _process_alive(int(parts[1])):
-            continue
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue  # named before host/pid were recorded
+        if not process_gone(parts[0], int(parts[1])):
+            continue  # still building, or another host's build
         _remove_cache_files(folder)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def check_cache_destination(out: Path, overwrite: bool) -> None:
