@@ -89,7 +89,7 @@ class LogLineProgressBar(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._enabled:
             return
-        self._images += _batch_size(batch)
+        self._images += batch_size_of(batch)
         self._batches += 1
         self._batch_time = time.monotonic()
         if isinstance(outputs, dict) and "loss" in outputs:
@@ -198,7 +198,8 @@ class LogLineProgressBar(ProgressBar):
         return int(total) - 1 if math.isfinite(total) else self._batches - 1
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size_of(batch: Any) -> int:
+    """Images in a batch: a dict's ``image`` (or first value), a tuple's first item."""
     if isinstance(batch, dict):
         batch = batch.get("image", next(iter(batch.values()), None))
     elif isinstance(batch, list | tuple) and batch:

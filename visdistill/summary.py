@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoints import atomic_write
 from .formatting import format_count, format_duration, format_metric
+from .progress import batch_size_of
 from .teachers import ENSEMBLE
 
 SUMMARY_FILE = "summary.json"
@@ -196,8 +197,7 @@ class RunSummary(Callback):
         self._t0, self._images, self._fitted = time.monotonic(), 0, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        image = batch.get("image") if isinstance(batch, dict) else None
-        self._images += int(image.shape[0]) if image is not None else 0
+        self._images += batch_size_of(batch)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":  # `visdistill validate`
