@@ -146,7 +146,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -172,7 +172,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

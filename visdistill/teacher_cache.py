@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .checkpoints import fsync_folder
 from .errors import ConfigError
 from .models import ModelOutput
 from .teachers import teacher_fingerprint
@@ -209,15 +210,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     _remove_cache_files(out)
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
         os.replace(path, out / path.name)
-    _fsync_dir(out)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(out)
 
 
 def _build_into(
