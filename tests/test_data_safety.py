@@ -521,7 +521,7 @@ def test_sigkill_at_random_points_then_resume_ends_with_the_uninterrupted_weight
     """SIGKILL at >= 20 random points (batch starts, inside steps, validation, halfway
     through a checkpoint's temporary file, before its rename), `fit --ckpt_path last` after
     each: every last.ckpt left behind is usable, and the final student equals an
-    uninterrupted run's, bit for bit. (Measured: see the README's Errors section.)"""
+    uninterrupted run's, bit for bit. (Measured: see docs/errors.md.)"""
     import random
 
     from visdistill.resume import checkpoint_problem

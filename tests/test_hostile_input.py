@@ -1,6 +1,6 @@
 """Bad input through the command line: each gets a clear message, never a traceback.
 
-The README's "Hostile input" table lists these cases and the tests elsewhere that cover
+The errors table in ``docs/errors.md`` lists these cases and the tests elsewhere that cover
 the rest (checkpoints, data folders, zoo manifests, non-finite losses)."""
 
 import pytest

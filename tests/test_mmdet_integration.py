@@ -75,7 +75,7 @@ def short_config(name: str, data_root: Path, work_dir: Path, epochs: int) -> Con
 
 def small_teacher(cfg: Config) -> None:
     """ResNet-34 instead of the shipped ResNet-50 teacher: larger than the ResNet-18 student, but
-    fast enough for a test (the shipped configs are what the README measures)."""
+    fast enough for a test (the shipped configs are what docs/mmdet.md measures)."""
     cfg.model.backbone.depth = 34
     cfg.model.neck.in_channels = [128, 256, 512]
 

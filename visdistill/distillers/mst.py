@@ -1,7 +1,7 @@
 """MST-style routing: a router picks, per sample, which teachers the student learns from
 (after Li et al., "MST-Distill: Mixture of Specialized Teachers for Cross-Modal Knowledge
 Distillation", ACM MM 2025; adapted to one modality with heterogeneous teachers: see
-``docs/multi_teacher.md``)."""
+``docs/methods/mst.md``)."""
 
 from __future__ import annotations
 

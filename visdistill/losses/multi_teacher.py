@@ -1,6 +1,6 @@
 """Math shared by the multi-teacher methods (MEAL V2, UNIC, MST-style routing):
 per-sample teacher weights, feature-matching and load-balancing losses (method notes:
-``docs/multi_teacher.md``)."""
+``docs/methods/meal-v2.md``, ``unic.md``, ``mst.md``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The DisWOT score of a student for a teacher, at random initialisation.
 
 Dong, Li, Wei, "DisWOT: Student Architecture Search for Distillation WithOut Training",
-CVPR 2023 (arXiv 2303.15678). README section "Student search: DisWOT" says where we
-differ from the official code.
+CVPR 2023 (arXiv 2303.15678). ``docs/search.md`` says where we differ from the
+official code.
 
 One labelled batch goes through the teacher and the candidate (copies, re-initialised):
 

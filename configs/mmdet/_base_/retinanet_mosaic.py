@@ -74,7 +74,7 @@ model = dict(
     ),
 )
 
-# Short CPU schedule (the README's measurement: 32 mosaics, batch 4, 8 epochs = 64 iterations):
+# Short CPU schedule (measured in docs/mmdet.md: 32 mosaics, batch 4, 8 epochs = 64 iterations):
 # AdamW from scratch, linear warm-up over 8 iterations, x0.1 at epoch 6; evaluated at the end.
 max_epochs = 8
 train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=max_epochs, val_interval=max_epochs)
