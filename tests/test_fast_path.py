@@ -19,7 +19,7 @@ def test_compile_and_bf16_teachers_keep_checkpoint_keys(tmp_path):
     _fit(module, tmp_path, batches=2)
     assert set(module.state_dict()) == keys  # no `_orig_mod.` prefixes
     batch = {"image": torch.rand(4, 3, 32, 32), "target": torch.arange(4)}
-    with module._teacher_autocast(batch["image"]):
+    with module.live_teachers.autocast(batch["image"]):
         assert module.teachers(batch["image"])[0].logits.dtype == torch.bfloat16
     total, parts, _ = module.compute_losses(batch)
     assert torch.isfinite(total) and parts["kd"].dtype == torch.float32

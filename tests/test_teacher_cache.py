@@ -182,3 +182,40 @@ def test_cache_and_fit_through_the_cli(tmp_path, capsys):
         main(["fit", "--config", config, "--model.teacher_cache", str(tmp_path / "cache"),
               "--trainer.max_epochs", "3"])  # fmt: skip
     assert "holds 2 epochs of augmentations but the run trains 3" in capsys.readouterr().err
+
+
+def test_live_and_cached_teachers_are_one_interface(cache_dir):
+    from visdistill.teacher_source import CachedTeachers, LiveTeachers, TeacherSource
+
+    module, dm = _module(), _data()
+    live = LiveTeachers(module.teachers)
+    cached = CachedTeachers.open(cache_dir, module, dm, max_epochs=2)
+    assert isinstance(live, TeacherSource) and isinstance(cached, TeacherSource)
+    # Per-sample epochs: samples of epochs 0 and 1 in one batch, read with their own crops.
+    keys = [(e, i) for i in range(0, 64, 9) for e in (0, 1)]
+    batch = torch.utils.data.default_collate([dm.train_set[k] for k in keys])
+    batch["epoch"] = torch.tensor([e for e, _ in keys])
+    for out, read in zip(live.outputs(batch), cached.outputs(batch), strict=True):
+        assert read.logits.shape == out.logits.shape == (len(keys), 10)
+        assert torch.allclose(read.logits, out.logits.log_softmax(-1), atol=5e-3)
+    # Without an epoch key the source reads the epoch it is given.
+    del batch["epoch"]
+    one = cached.outputs(batch, epoch=1)[0].logits
+    assert torch.equal(one, cached.cache.lookup(1, batch["index"])[0].logits)
+    with pytest.raises(ConfigError, match=r"holds epochs 0\.\.1, asked for epoch 2"):
+        cached.outputs(batch, epoch=2)
+
+
+def test_the_module_reads_the_cache_in_training_and_runs_the_teachers_in_evaluation(cache_dir):
+    from visdistill.teacher_source import CachedTeachers
+
+    module, dm = _module(teacher_cache=str(cache_dir)), _data()
+    assert module.train_teachers is module.live_teachers  # until fit opens the cache
+    module.train_teachers = CachedTeachers.open(cache_dir, module, dm, max_epochs=2)
+    batch = torch.utils.data.default_collate([dm.train_set[(0, i)] for i in range(4)])
+    module.train()
+    cached = module.teacher_outputs(batch)
+    module.eval()
+    live = module.teacher_outputs(batch)
+    assert torch.allclose(cached[0].logits, live[0].logits.log_softmax(-1), atol=5e-3)
+    assert not torch.allclose(cached[0].logits, live[0].logits)  # logits, not log-probs

@@ -20,6 +20,7 @@ from .distillers.base import DistillTerm, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
 from .quiet import ExpectedWarnings
+from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource, check_teacher_precision
 from .teachers import ENSEMBLE, TeacherEnsemble, ensemble_probs, per_teacher_stages
 
 _NONFINITE_MODES = ("skip", "raise", "ignore")
@@ -189,34 +190,23 @@ class DistillationModule(L.LightningModule):
         self.teacher_stages = [tuple(sorted(s)) for s in wanted]
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
         self.needs_prefix_tokens = any(t.needs_prefix_tokens for t in self.terms)
-        if teacher_precision not in ("auto", "bf16", "32"):
-            raise ConfigError(
-                f"teacher_precision must be 'auto', 'bf16' or '32', got {teacher_precision!r}"
-            )
+        check_teacher_precision(teacher_precision)
         self.teacher_precision, self.channels_last, self.compile_options = (
             teacher_precision,
             channels_last,
             compile,
         )
-        self.teacher_cache_dir, self._cache = teacher_cache, None
+        # Where training steps get the teachers' outputs: the teachers themselves, or (from
+        # fit start) the teacher cache. Evaluation always runs the teachers.
+        self.live_teachers: TeacherSource | None = None
+        if self.teachers is not None:
+            self.live_teachers = LiveTeachers(
+                self.teachers, self.teacher_stages, self.needs_pooled, teacher_precision
+            )
+        self.train_teachers = self.live_teachers
+        self.teacher_cache_dir = teacher_cache
         if teacher_cache is not None:
-            from .teacher_cache import check_classifier_teachers
-
-            check_classifier_teachers(self.teachers or [])
-            staged = [type(t).__name__ for t in self.terms if t.teacher_stages]
-            if staged or self.teachers is None:
-                raise ConfigError(
-                    "the teacher cache stores teacher logits and pooled features only; "
-                    + (f"{', '.join(staged)} read teacher stages" if staged else "no teachers")
-                    + ": remove teacher_cache or those terms"
-                )
-            raw = [type(t).__name__ for t in self.terms if t.needs_teacher_logits]
-            if raw:
-                raise ConfigError(
-                    f"{', '.join(raw)} read the teachers' logits (MEALV2: disc_input "
-                    "logit_mean), but the teacher cache stores top-k log-probabilities, whose "
-                    "mean is not the mean logit; use disc_input: prob, or remove teacher_cache"
-                )
+            CachedTeachers.check_usable(self.teachers, list(self.terms))
         weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
         if len(weighting) > 1:
             raise ConfigError(
@@ -335,13 +325,7 @@ class DistillationModule(L.LightningModule):
             )
             total = self.ce_weight * parts["ce"]
         if self.terms:
-            if self._cache is not None and self.training:
-                teacher_outs = self._cache.lookup(self.current_epoch, batch["index"], self.device)
-            else:
-                with self._teacher_autocast(images):
-                    teacher_outs = self.teachers(
-                        images, stages=self.teacher_stages, pooled=self.needs_pooled
-                    )
+            teacher_outs = self.teacher_outputs(batch)
             # Per-sample weights over the providing term's teachers reach the terms that read
             # the same teachers; the others average their own teachers uniformly.
             weights, weighted = None, None
@@ -357,6 +341,13 @@ class DistillationModule(L.LightningModule):
                     parts[f"{term.name}/{key}" if key != term.name else key] = value
                 total = total + term.weight * sum(term_parts.values())
         return total, parts, student_out
+
+    def teacher_outputs(self, batch: dict[str, Tensor]) -> list[ModelOutput]:
+        """One :class:`ModelOutput` per teacher for ``batch``: from the training source
+        (the teacher cache when one is configured) in training, from the teachers otherwise
+        (the cache holds the training split only)."""
+        source = self.train_teachers if self.training else self.live_teachers
+        return source.outputs(batch, epoch=self.current_epoch)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
@@ -620,13 +611,6 @@ class DistillationModule(L.LightningModule):
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
         return [{"params": rest, "lr_scale": 1.0}, *scaled]
 
-    def _teacher_autocast(self, images: Tensor):
-        device = images.device.type
-        bf16 = self.teacher_precision == "bf16" or (
-            self.teacher_precision == "auto" and device == "cuda"
-        )
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
-
     def on_fit_start(self) -> None:
         # Frozen teachers are in eval mode on purpose (Teacher.train() keeps them there), and
         # nonfinite="skip" returns None from training_step on purpose (and warns itself).
@@ -645,16 +629,13 @@ class DistillationModule(L.LightningModule):
             for teacher in self.teachers or []:
                 teacher.compile(**kwargs)
         if self.teacher_cache_dir is not None:
-            from .teacher_cache import TeacherCache
-
-            cache = TeacherCache.open(self.teacher_cache_dir)
-            cache.check(self, self.trainer.datamodule, self.trainer.max_epochs)
-            if self.needs_pooled and not cache.manifest["pooled"]:
-                raise ConfigError(
-                    f"a term reads pooled teacher features but the teacher cache "
-                    f"{self.teacher_cache_dir} has none; rebuild it with --pooled --overwrite"
-                )
-            self._cache = cache
+            self.train_teachers = CachedTeachers.open(
+                self.teacher_cache_dir,
+                self,
+                self.trainer.datamodule,
+                self.trainer.max_epochs,
+                self.needs_pooled,
+            )
         for term in self.terms:
             term.on_fit_start(self)
 

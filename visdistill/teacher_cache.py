@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import fsync_folder
 from .errors import ConfigError
+from .loader_pass import run_over_loader
 from .models import ModelOutput
 from .teachers import teacher_fingerprint
 
@@ -238,42 +240,40 @@ def _build_into(
             arrays[f"pooled{i}"] = _memmap(
                 tmp / f"pooled{i}.npy", (epochs, n, teacher.num_features), np.float16
             )
-    device = module.device
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=epochs * n, desc="teacher cache", unit="img", disable=not progress)
-    for e in range(epochs):
-        keys = [(e, i) for i in range(n)]
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=keys)
-        start = 0
-        for batch in loader:
-            outs = module.teachers(batch["image"].to(device), pooled=pooled)
-            rows = slice(start, start + len(batch["target"]))
-            logp = torch.stack([o.logits.float().log_softmax(-1) for o in outs], 1)  # (B,M,K)
-            if not torch.isfinite(logp).all():
-                raise ConfigError(
-                    f"a teacher gave NaN/inf outputs in epoch {e}, samples {start}.."
-                    f"{start + len(batch['target']) - 1} of the cache build; nothing was "
-                    "written to the cache folder. Check the data (NaN pixels) and the teachers"
-                )
-            top, idx = logp.topk(k, dim=-1)
-            top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
-            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-            arrays["logp"][e, rows] = top.cpu().numpy().astype(np.float16)
-            arrays["classes"][e, rows] = idx.cpu().numpy().astype(np.int16)
-            arrays["rest"][e, rows] = rest.cpu().numpy().astype(np.float16)
-            if pooled:
-                for i, o in enumerate(outs):
-                    features = o.pooled.float().cpu().numpy().astype(np.float16)
-                    if not np.isfinite(features).all():
-                        raise ConfigError(
-                            f"teacher {i}'s pooled features are NaN/inf or exceed float16 "
-                            f"(|x| > 65504) in epoch {e}; the cache cannot store them"
-                        )
-                    arrays[f"pooled{i}"][e, rows] = features
-            start += len(batch["target"])
-            bar.update(len(batch["target"]))
-    bar.close()
+    passes = run_over_loader(
+        module.teachers,
+        _replayed_epochs(dataset, epochs, batch_size),
+        lambda teachers, batch: teachers(batch["image"], pooled=pooled),
+        device=module.device,
+        desc="teacher cache",
+        progress=progress,
+        total=epochs * n,
+    )
+    for batch, outs in passes:
+        e, start = int(batch["epoch"][0]), int(batch["position"][0])
+        rows = slice(start, start + len(batch["position"]))
+        logp = torch.stack([o.logits.float().log_softmax(-1) for o in outs], 1)  # (B,M,K)
+        if not torch.isfinite(logp).all():
+            raise ConfigError(
+                f"a teacher gave NaN/inf outputs in epoch {e}, samples {rows.start}.."
+                f"{rows.stop - 1} of the cache build; nothing was written to the cache "
+                "folder. Check the data (NaN pixels) and the teachers"
+            )
+        top, idx = logp.topk(k, dim=-1)
+        top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+        arrays["logp"][e, rows] = top.cpu().numpy().astype(np.float16)
+        arrays["classes"][e, rows] = idx.cpu().numpy().astype(np.int16)
+        arrays["rest"][e, rows] = rest.cpu().numpy().astype(np.float16)
+        if pooled:
+            for i, o in enumerate(outs):
+                features = o.pooled.float().cpu().numpy().astype(np.float16)
+                if not np.isfinite(features).all():
+                    raise ConfigError(
+                        f"teacher {i}'s pooled features are NaN/inf or exceed float16 "
+                        f"(|x| > 65504) in epoch {e}; the cache cannot store them"
+                    )
+                arrays[f"pooled{i}"][e, rows] = features
     for a in arrays.values():
         a.flush()
     # Source index -> row, so lookups work from the batch's "index" field.
@@ -290,6 +290,21 @@ def _build_into(
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _replayed_epochs(dataset: Any, epochs: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """``epochs`` passes over ``dataset`` in order, each with that epoch's replayed
+    augmentation; every batch also carries its ``epoch`` and ``position`` (row) ``(B,)``."""
+    n = len(dataset)
+    for e in range(epochs):
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=[(e, i) for i in range(n)])
+        start = 0
+        for batch in loader:
+            size = len(batch["index"])
+            batch["epoch"] = torch.full((size,), e, dtype=torch.long)
+            batch["position"] = torch.arange(start, start + size)
+            start += size
+            yield batch
 
 
 def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
@@ -415,10 +430,23 @@ class TeacherCache:
                 f"trains {max_epochs}; rebuild with --epochs {max_epochs} --overwrite"
             )
 
-    def lookup(self, epoch: int, index: Tensor, device: Any = None) -> list[ModelOutput]:
-        """Teacher outputs for the samples ``index`` ``(B,)`` in ``epoch``: one
-        :class:`ModelOutput` per teacher, ``logits`` being log-probabilities ``(B, K)``."""
-        slot = 0 if self.manifest["deterministic"] else int(epoch)
+    def lookup(self, epoch: int | Tensor, index: Tensor, device: Any = None) -> list[ModelOutput]:
+        """Teacher outputs for the samples ``index`` ``(B,)`` in ``epoch`` (one epoch for all,
+        or one per sample ``(B,)``): one :class:`ModelOutput` per teacher, ``logits`` being
+        log-probabilities ``(B, K)``."""
+        epochs = self.manifest["epochs"]
+        if self.manifest["deterministic"]:
+            slot: Any = 0
+        elif isinstance(epoch, Tensor) and epoch.ndim:
+            slot = epoch.cpu().numpy().astype(np.int64)
+        else:
+            slot = int(epoch)
+        if not self.manifest["deterministic"] and not (0 <= np.min(slot) <= np.max(slot) < epochs):
+            raise ConfigError(
+                f"teacher cache {self.path} holds epochs 0..{epochs - 1}, asked for epoch "
+                f"{np.max(slot) if np.max(slot) >= epochs else np.min(slot)}; rebuild it with "
+                "--epochs <the run's max_epochs> --overwrite"
+            )
         rows = self.row_of[index.cpu().numpy()]
         if (rows < 0).any():
             raise ConfigError(
