@@ -2,6 +2,7 @@
 or a docstring mkdocstrings cannot render fails it), and the README stays short with working
 links."""
 
+import ast
 import os
 import re
 import subprocess
@@ -28,6 +29,21 @@ def relative_links(markdown: str) -> list[str]:
             continue
         targets.append(target.split("#", 1)[0])
     return targets
+
+
+# Public names documented on their module's page rather than on their own.
+DOCUMENTED_WITH_MODULE = {"diswot_score": "search"}
+
+
+def public_names() -> list[str]:
+    """``visdistill.__all__``, read without importing torch."""
+    tree = ast.parse((ROOT / "visdistill" / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("visdistill/__init__.py defines no __all__")
 
 
 def mkdocs_command() -> list[str]:
@@ -71,6 +87,21 @@ def test_readme_relative_links_point_to_existing_files():
     assert targets, "README.md links to no docs page"
     missing = [t for t in targets if not (ROOT / t).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_api_reference_covers_every_public_name():
+    """Each name of ``visdistill.__all__`` has a ``::: visdistill.<name>`` entry in docs/api/."""
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs" / "api").glob("*.md"))
+    documented = set(re.findall(r"^::: visdistill\.(\w+)\s*$", pages, re.M))
+    missing = [
+        name
+        for name in public_names()
+        if name not in documented and DOCUMENTED_WITH_MODULE.get(name) not in documented
+    ]
+    assert not missing, (
+        f"public names without an API reference entry: {missing}; add '::: visdistill.<name>' "
+        "to the fitting page under docs/api/ (and the page to mkdocs.yml's nav if it is new)"
+    )
 
 
 def test_docs_do_not_point_outside_the_project():
