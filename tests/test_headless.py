@@ -123,9 +123,9 @@ def test_validation_loss_without_accuracy_keeps_every_teacher():
     batch = {"image": torch.rand(8, 3, 32, 32), "target": torch.full((8,), -1)}
     with torch.no_grad():
         first, _, out = module.compute_losses(batch)
-        weights = module.terms[0].teacher_weights(
+        weights = module.terms[0](
             out, module.teachers(batch["image"], (-1,), True), batch["target"]
-        )
+        ).teacher_weights
         assert torch.equal(module.compute_losses(batch)[0], first)
     assert torch.equal(weights, torch.full((8, 2), 0.5))
 

@@ -29,7 +29,7 @@ def test_soft_ce_target_follows_per_sample_teacher_weights():
     target = w[:, :1] * T1.softmax(-1) + w[:, 1:] * T2.softmax(-1)
     by_hand = -(target * ZS.log_softmax(-1)).sum(-1).mean()
     out = _term("none")(ModelOutput(ZS), [ModelOutput(T1), ModelOutput(T2)], Y, teacher_weights=w)
-    assert torch.allclose(out["soft_ce"], by_hand)
+    assert torch.allclose(out.losses["soft_ce"], by_hand)
 
 
 @pytest.mark.parametrize("weights", [None, torch.tensor([[1.0, 0.0], [0.25, 0.75]])])
@@ -46,11 +46,11 @@ def test_discriminator_sees_student_logits_then_the_mean_teacher_logits(weights)
     y = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 2)
     s = scores.sigmoid()
     by_hand = -(y * s.log() + (1 - y) * (1 - s).log()).sum() / 8
-    assert torch.allclose(out["disc"], by_hand, atol=1e-6)
+    assert torch.allclose(out.losses["disc"], by_hand, atol=1e-6)
     assert (scores >= 0).all()  # the official final ReLU
     # Diagnostic, not a loss: the share of the 2B rows the discriminator classifies right.
     right = (scores.argmax(-1) == torch.tensor([0, 0, 1, 1])).float().mean()
-    assert "disc_acc" not in out and torch.equal(term.last_metrics["disc_acc"], right)
+    assert "disc_acc" not in out.losses and torch.equal(out.metrics["disc_acc"], right)
 
 
 def test_prob_input_is_the_fkd_variant():
@@ -86,7 +86,7 @@ def test_no_nan_at_logits_1e4(mode, disc_input):
     zs = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 0.0, 1e4]], requires_grad=True)
     teachers = [ModelOutput(torch.tensor([[-1e4, 1e4, 0.0]] * 2)), ModelOutput(T1 * 1e4)]
     out = _term(mode, disc_input=disc_input)(ModelOutput(zs), teachers, Y)
-    total = sum(out.values())
+    total = sum(out.losses.values())
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(zs.grad).all()
 
@@ -100,11 +100,11 @@ def test_joint_mode_minimises_the_discriminator_loss_through_the_student():
         term.discriminator = OutputDiscriminator(64, final_relu=False)
         teachers = [ModelOutput(torch.randn(8, 64)), ModelOutput(torch.randn(8, 64))]
         zs = torch.randn(8, 64, requires_grad=True)
-        before = term(ModelOutput(zs), teachers, Y)["disc"]
+        before = term(ModelOutput(zs), teachers, Y).losses["disc"]
         before.backward()
         step = 1e-2 * zs.grad / zs.grad.norm()
         with torch.no_grad():
-            after = term(ModelOutput(zs - step), teachers, Y)["disc"]
+            after = term(ModelOutput(zs - step), teachers, Y).losses["disc"]
         return before.item(), after.item()
 
     before, after = disc_after_step("joint")

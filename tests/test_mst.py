@@ -50,8 +50,8 @@ def test_router_weights_sum_to_one_with_exactly_k_experts(mode, gates):
     module = _module(top_k=2, mode=mode, feature_gates=gates)
     term = module.terms[0]
     student, teachers = _outputs(module)
-    w = term.teacher_weights(student, teachers, None)
-    g = term._pending[1]
+    w = term(student, teachers, torch.arange(6) % 10).teacher_weights
+    g = term.gates(student, term.experts(teachers)[0])
     assert g.shape == (6, 4 if gates else 2) and torch.allclose(g.sum(-1), torch.ones(6))
     assert w.shape == (6, 2) and torch.allclose(w.sum(-1), torch.ones(6))
     if mode == "soft_mixture":
@@ -63,7 +63,7 @@ def test_router_weights_sum_to_one_with_exactly_k_experts(mode, gates):
 
 
 def _grads(term, student, teachers, key, target):
-    out = term(student, teachers, target)
+    out = term(student, teachers, target).losses
     params = list(term.parameters())
     return torch.autograd.grad(
         out[key], [student.logits, *params], allow_unused=True, retain_graph=True
@@ -105,7 +105,7 @@ def test_utility_target_by_hand():
     z2 = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 5.0]])  # wrong, then right and sure
     y = torch.tensor([0, 2])
     zs = torch.zeros(2, 3)
-    out = term(ModelOutput(zs), [ModelOutput(z1), ModelOutput(z2)], y)
+    out = term(ModelOutput(zs), [ModelOutput(z1), ModelOutput(z2)], y).losses
     g = term.router(zs).softmax(-1)
     ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in (z1, z2)], 1)
     r = (-ce / 0.5).softmax(-1)
@@ -122,9 +122,9 @@ def test_schedule_follows_the_epoch():
     term = module.terms[0]
     student, teachers = _outputs(module)
     term.epoch = 0.3
-    first = term(student, teachers, None)
+    first = term(student, teachers, None).losses
     term.epoch = 11.5  # epochs 11-20: w_kl 0.5, w_lb 0.81
-    later = term(student, teachers, None)
+    later = term(student, teachers, None).losses
     assert torch.allclose(later["kd"], 0.5 * first["kd"])
     assert torch.allclose(later["balance"], 0.81 * first["balance"])
 
@@ -162,8 +162,9 @@ def test_feature_gates_start_near_the_teacher_and_train_only_the_gates():
     s = (student.logits.detach() / t).softmax(-1)
     pull = torch.stack([kd_loss(gated[:, m], s, t) for m in range(2)]).mean()
     ce = torch.stack([F.cross_entropy(gated[:, m], target) for m in range(2)]).mean()
-    assert torch.allclose(term(student, teachers, target)["gate"], pull + ce, atol=1e-5)
-    assert {"router_entropy", "route_frac/expert3"} <= set(term.last_metrics)
+    out = term(student, teachers, target)
+    assert torch.allclose(out.losses["gate"], pull + ce, atol=1e-5)
+    assert {"router_entropy", "route_frac/expert3"} <= set(out.metrics)
 
 
 def test_no_nan_at_logits_1e4():
@@ -172,7 +173,7 @@ def test_no_nan_at_logits_1e4():
     zs = torch.tensor([[1e4, -1e4, 0.0]] * 2, requires_grad=True)
     teachers = [ModelOutput(torch.tensor([[-1e4, 1e4, 0.0]] * 2)), ModelOutput(torch.zeros(2, 3))]
     out = term(ModelOutput(zs), teachers, torch.tensor([0, 1]))
-    total = sum(out.values())
+    total = sum(out.losses.values())
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(zs.grad).all()
 

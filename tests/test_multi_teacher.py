@@ -35,7 +35,7 @@ def test_meal_v2_loss_is_soft_ce_against_the_mean_probabilities():
     by_hand = -(target * zs.log_softmax(-1)).sum(-1).mean()
     term = MEALV2(mode="none")
     out = term(ModelOutput(zs), [ModelOutput(t1), ModelOutput(t2)], torch.tensor([0, 1]))
-    assert torch.allclose(out["soft_ce"], by_hand) and set(out) == {"soft_ce"}
+    assert torch.allclose(out.losses["soft_ce"], by_hand) and set(out.losses) == {"soft_ce"}
     assert torch.allclose(by_hand, soft_cross_entropy(zs, target))
 
 
@@ -54,7 +54,7 @@ def _disc_grad(mode):
     term.discriminator = OutputDiscriminator(64, final_relu=False)
     zs = torch.randn(8, 64, requires_grad=True)
     teachers = [ModelOutput(torch.randn(8, 64)), ModelOutput(torch.randn(8, 64))]
-    term(ModelOutput(zs), teachers, torch.zeros(8, dtype=torch.long))["disc"].backward()
+    term(ModelOutput(zs), teachers, torch.zeros(8, dtype=torch.long)).losses["disc"].backward()
     return zs.grad, [p.grad.clone() for p in term.discriminator.parameters()]
 
 
@@ -135,11 +135,11 @@ def test_unic_across_families_and_its_weights_reach_kd():
     student = module.student(batch["image"], stages=module.student_stages, pooled=True)
     teachers = module.teachers(batch["image"], stages=module.teacher_stages, pooled=True)
     with pytest.raises(ConfigError, match="run the student with prefix_tokens=True"):
-        term.teacher_weights(student, teachers, batch["target"])  # ViT: reads class tokens
+        term(student, teachers, batch["target"])  # ViT: reads class tokens
     student = module.student(
         batch["image"], stages=module.student_stages, pooled=True, prefix_tokens=True
     )
-    weights = term.teacher_weights(student, teachers, batch["target"])
+    weights = term(student, teachers, batch["target"]).teacher_weights
     assert weights.shape == (6, 2) and torch.allclose(weights.sum(-1), torch.ones(6))
     loss, parts, _ = module.compute_losses(batch)
     loss.backward()

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from . import resume
 from .checkpoints import use_atomic_checkpoint_io
 from .data.base import data_has_labels
-from .distillers.base import DistillTerm, term_from_config
+from .distillers.base import DistillTerm, TermOutput, as_term_output, term_from_config
 from .errors import ConfigError, NonFiniteLossError
 from .models import Backbone, ModelConfig, ModelOutput
 from .quiet import ExpectedWarnings
@@ -326,20 +326,31 @@ class DistillationModule(L.LightningModule):
             total = self.ce_weight * parts["ce"]
         if self.terms:
             teacher_outs = self.teacher_outputs(batch)
-            # Per-sample weights over the providing term's teachers reach the terms that read
-            # the same teachers; the others average their own teachers uniformly.
+            # One call per term, the weight provider first: its per-sample weights over its
+            # teachers reach the terms that read the same teachers; the others average their
+            # own teachers uniformly.
+            outputs: dict[int, TermOutput] = {}
             weights, weighted = None, None
-            for term in self.terms:
+            for i, term in enumerate(self.terms):
                 if term.provides_teacher_weights:
-                    weighted = term.teacher_indices
-                    weights = term.teacher_weights(student_out, term.own(teacher_outs), target)
-            for term in self.terms:
-                term_weights = weights if term.teacher_indices == weighted else None
-                own = term.own(teacher_outs)
-                term_parts = term(student_out, own, target, teacher_weights=term_weights)
-                for key, value in term_parts.items():
+                    outputs[i] = as_term_output(
+                        term, term(student_out, term.own(teacher_outs), target)
+                    )
+                    weights, weighted = outputs[i].teacher_weights, term.teacher_indices
+            for i, term in enumerate(self.terms):
+                if i not in outputs:
+                    term_weights = weights if term.teacher_indices == weighted else None
+                    result = term(
+                        student_out, term.own(teacher_outs), target, teacher_weights=term_weights
+                    )
+                    outputs[i] = as_term_output(term, result)
+            # Summed in declaration order, as before providers ran first.
+            for i, term in enumerate(self.terms):
+                losses = outputs[i].losses
+                for key, value in losses.items():
                     parts[f"{term.name}/{key}" if key != term.name else key] = value
-                total = total + term.weight * sum(term_parts.values())
+                total = total + term.weight * sum(losses.values())
+                term.last_metrics = outputs[i].metrics
         return total, parts, student_out
 
     def teacher_outputs(self, batch: dict[str, Tensor]) -> list[ModelOutput]:

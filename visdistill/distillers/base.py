@@ -7,7 +7,8 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,26 @@ from ..errors import ConfigError
 from ..models import Backbone, ModelOutput
 
 _PLAIN = (bool, int, float, str, type(None))
+
+
+@dataclass
+class TermOutput:
+    """What one call of a term gives the module.
+
+    Attributes:
+        losses: named, *unweighted* scalar losses; the module adds ``weight * sum(values)``
+            to the total and logs each as ``<name>/<key>`` (``<name>`` alone when the key is
+            the term's name).
+        teacher_weights: ``(B, M)`` per-sample weights over the term's teachers (rows sum to
+            1), returned by a term that declares ``provides_teacher_weights``; ``None`` for
+            every other term.
+        metrics: detached scalar diagnostics that are not losses (routing frequencies,
+            discriminator accuracy), logged as ``train/<name>/<key>``.
+    """
+
+    losses: dict[str, Tensor]
+    teacher_weights: Tensor | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class DistillTerm(nn.Module):
@@ -47,15 +68,17 @@ class DistillTerm(nn.Module):
 
     ``setup(student, teachers)`` runs once when the module is built, before any
     forward pass: build projectors from ``feature_info`` there, so the optimizer sees
-    them. ``forward`` returns named, *unweighted* losses; the module adds
-    ``weight * sum(values)`` to the total and logs each under ``<name>/<key>``.
+    them. ``forward`` is called once per step and returns everything the module needs:
+    a dict of named, *unweighted* losses, or a :class:`TermOutput` (the losses plus
+    teacher weights and diagnostics). The module adds ``weight * sum(losses)`` to the total
+    and logs each loss under ``<name>/<key>``.
 
-    Per-sample teacher weights are how
-    multi-teacher methods compose with any other term: a term that sets
-    ``provides_teacher_weights = True`` returns a ``(B, M)`` matrix (rows sum to 1) from
-    :meth:`teacher_weights`; the module computes it first and passes it to every term that
-    reads the same teachers as ``teacher_weights`` (``None``, meaning uniform, to a term
-    that reads other teachers). At most one term per module may provide weights.
+    Per-sample teacher weights are how multi-teacher methods compose with any other term:
+    a term that declares ``provides_teacher_weights = True`` returns a ``(B, M)`` matrix
+    (rows sum to 1) as ``TermOutput.teacher_weights``. The module calls such a term first
+    (with ``teacher_weights=None``) and passes its weights to every other term that reads
+    the same teachers (``None``, meaning uniform, to a term that reads other teachers). At
+    most one term per module may provide weights.
 
     Training-time context a term may read: ``progress`` (fraction of the fit done, in
     ``[0, 1]``) and ``epoch`` (fractional epoch), refreshed before every training step;
@@ -63,8 +86,9 @@ class DistillTerm(nn.Module):
     work that needs data (e.g. teacher class means).
 
     Diagnostics that are not losses (routing frequencies, discriminator accuracy) go in
-    ``last_metrics``: detached scalars that the module logs as ``train/<name>/<key>`` on the
-    steps whose metrics reach the loggers, never added to the loss.
+    ``TermOutput.metrics``: detached scalars that the module keeps in ``last_metrics`` and
+    logs as ``train/<name>/<key>`` on the steps whose metrics reach the loggers, never
+    added to the loss.
 
     Every term records its constructor arguments: :meth:`config` returns them as a
     LightningCLI-style ``{"class_path", "init_args"}`` dict of plain types, which the module
@@ -139,20 +163,46 @@ class DistillTerm(nn.Module):
     def on_fit_start(self, module: Any) -> None:
         """Called once by the :class:`DistillationModule` before training starts."""
 
-    def teacher_weights(
-        self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
-    ) -> Tensor | None:
-        """``(B, M)`` per-sample teacher weights, for terms with ``provides_teacher_weights``."""
-        return None
-
     def forward(
         self,
         student: ModelOutput,
         teachers: Sequence[ModelOutput],
         target: Tensor,
         teacher_weights: Tensor | None = None,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor] | TermOutput:
+        """The term's losses for one batch.
+
+        Args:
+            student: the student's output (``logits`` ``(B, K)``, and the ``pooled``
+                ``(B, D)``, ``stages`` ``(B, C, h, w)`` and prefix tokens the term declared).
+            teachers: the outputs of this term's teachers, in its order, computed without
+                gradient.
+            target: ``(B,)`` class labels (``-1`` on data without labels).
+            teacher_weights: ``(B, M)`` per-sample weights over these teachers from the
+                providing term, or ``None`` (uniform).
+
+        Returns:
+            named, unweighted losses, or a :class:`TermOutput`.
+        """
         raise NotImplementedError
+
+
+def as_term_output(term: DistillTerm, result: Mapping[str, Tensor] | TermOutput) -> TermOutput:
+    """What ``term``'s forward returned, as a :class:`TermOutput`, checked against the term's
+    declaration: a weight provider returns teacher weights, any other term returns none."""
+    out = result if isinstance(result, TermOutput) else TermOutput(dict(result))
+    label = type(term).__name__
+    if term.provides_teacher_weights and out.teacher_weights is None:
+        raise TypeError(
+            f"{label} declares provides_teacher_weights but its forward returned no teacher "
+            "weights: return TermOutput(losses, teacher_weights=...)"
+        )
+    if not term.provides_teacher_weights and out.teacher_weights is not None:
+        raise TypeError(
+            f"{label} returned teacher weights without declaring them: set "
+            "provides_teacher_weights = True on the class"
+        )
+    return out
 
 
 def uniform_or(teacher_weights: Tensor | None, batch: int, n_teachers: int, like: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from ..losses.kd import soft_cross_entropy
 from ..losses.multi_teacher import discriminator_loss
 from ..models import Backbone, ModelOutput
 from ..teachers import ensemble_probs
-from .base import DistillTerm, uniform_or
+from .base import DistillTerm, TermOutput, uniform_or
 
 MODES = ("joint", "grl", "none")
 DISC_INPUTS = ("logit_mean", "prob")
@@ -155,11 +155,11 @@ class MEALV2(DistillTerm):
         teachers: Sequence[ModelOutput],
         target: Tensor,
         teacher_weights: Tensor | None = None,
-    ) -> dict[str, Tensor]:
+    ) -> TermOutput:
         probs = ensemble_probs(teachers, 1.0, teacher_weights)
         out = {"soft_ce": soft_cross_entropy(student.logits, probs)}
         if self.discriminator is None:
-            return out
+            return TermOutput(out)
         s = student.logits.float()
         if self.disc_input == "prob":
             s, t = s.softmax(-1), probs
@@ -173,5 +173,5 @@ class MEALV2(DistillTerm):
         is_teacher = torch.arange(2 * len(s), device=s.device) >= len(s)
         out["disc"] = self.disc_weight * discriminator_loss(scores, is_teacher)
         with torch.no_grad():  # 0.5 = the discriminator cannot tell student from teachers
-            self.last_metrics = {"disc_acc": (scores.argmax(-1) == is_teacher).float().mean()}
-        return out
+            disc_acc = (scores.argmax(-1) == is_teacher).float().mean()
+        return TermOutput(out, metrics={"disc_acc": disc_acc})

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..losses.multi_teacher import fold_expert_weights, load_balancing_loss, topk_weights
 from ..models import Backbone, ModelOutput
-from .base import DistillTerm
+from .base import DistillTerm, TermOutput
 
 ROUTER_INPUTS = ("student_logits", "student_embedding", "teacher_stats")
 ROUTER_MODES = ("mst", "soft_mixture", "utility")
@@ -105,9 +105,8 @@ class MSTRouting(DistillTerm):
     The term provides per-sample teacher weights (top-k one-hot / k, or ``g`` for
     ``soft_mixture``; a gated expert's weight counts for its teacher), so other terms in
     the config follow the routing. Loss weights follow MST's per-epoch schedule
-    (:func:`mst_loss_weights`) unless ``schedule=False``. After each step
-    ``last_metrics`` holds detached diagnostics (per-expert routing frequency, router
-    entropy) for logging.
+    (:func:`mst_loss_weights`) unless ``schedule=False``. Its output's ``metrics`` hold
+    detached diagnostics (per-expert routing frequency, router entropy) for logging.
 
     Args:
         top_k: experts per sample (MST: 1); at most the number of experts.
@@ -178,7 +177,6 @@ class MSTRouting(DistillTerm):
         # Utility routing and the gates' anchor read the class labels.
         self.needs_labels = mode == "utility" or feature_gates
         self.n_teachers = self.n_experts = 0
-        self._pending: tuple[ModelOutput, Tensor, Tensor, Tensor | None] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         m, k = len(teachers), student.num_classes
@@ -240,38 +238,25 @@ class MSTRouting(DistillTerm):
         x = x.detach() if self.detach_router_input else x
         return self.router(x.float()).softmax(-1)
 
-    def _route(self, student: ModelOutput, teachers: Sequence[ModelOutput]):
-        # The module calls teacher_weights() then forward() on the same outputs: compute once.
-        if self._pending is not None and self._pending[0] is student:
-            return self._pending[1:]
-        experts, gated = self.experts(teachers)
-        g = self.gates(student, experts)
-        self._pending = (student, g, experts, gated)
-        return g, experts, gated
-
-    def teacher_weights(
-        self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
-    ) -> Tensor:
-        g, _, _ = self._route(student, teachers)
-        w = g.detach() if self.mode == "soft_mixture" else topk_weights(g.detach(), self.top_k)
-        return fold_expert_weights(w, self.n_teachers) if self.feature_gates else w
-
     def forward(
         self,
         student: ModelOutput,
         teachers: Sequence[ModelOutput],
         target: Tensor,
         teacher_weights: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        g, experts, gated = self._route(student, teachers)
-        self._pending = None
+    ) -> TermOutput:
+        experts, gated = self.experts(teachers)
+        g = self.gates(student, experts)
+        # Over the experts: the gates (soft_mixture) or 1/k on each sample's top-k experts.
+        routed = g.detach() if self.mode == "soft_mixture" else topk_weights(g.detach(), self.top_k)
+        # Over the teachers (a gated expert's weight counts for its teacher): for other terms.
+        weights = fold_expert_weights(routed, self.n_teachers) if self.feature_gates else routed
         w_kl, w_lb = mst_loss_weights(int(self.epoch)) if self.schedule else (1.0, 1.0)
         t = self.temperature
         probs = (experts / t).softmax(-1)  # (B, E, K), no gradient
         if self.mode == "soft_mixture":
             kd = kd_loss(student.logits, (g.unsqueeze(-1) * probs).sum(1), t)
         else:
-            chosen = topk_weights(g.detach(), self.top_k)  # (B, E), 1/k on the chosen
             per_expert = torch.stack(
                 [
                     kd_loss(student.logits, probs[:, e], t, reduction="none")
@@ -279,7 +264,7 @@ class MSTRouting(DistillTerm):
                 ],
                 1,
             )
-            kd = (chosen * per_expert).sum(1).mean()
+            kd = (routed * per_expert).sum(1).mean()
         out = {"kd": w_kl * kd, "balance": w_lb * load_balancing_loss(g, self.balance)}
         if self.mode == "utility":
             ce = F.cross_entropy(
@@ -297,7 +282,7 @@ class MSTRouting(DistillTerm):
         with torch.no_grad():
             top1 = F.one_hot(g.argmax(-1), g.shape[-1]).float().mean(0)
             entropy = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()
-            self.last_metrics = {"router_entropy": entropy} | {
+            metrics = {"router_entropy": entropy} | {
                 f"route_frac/expert{e}": top1[e] for e in range(g.shape[-1])
             }
-        return out
+        return TermOutput(out, teacher_weights=weights, metrics=metrics)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..losses.multi_teacher import feature_match_loss, teacher_drop_coefficients
 from ..models import Backbone, ModelOutput
-from .base import DistillTerm
+from .base import DistillTerm, TermOutput
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -126,7 +126,6 @@ class UNIC(DistillTerm):
         self.requested_stages = tuple(student_stages) if student_stages is not None else None
         self.drop_prob, self.normalize, self.hidden = float(drop_prob), normalize, hidden
         self.teacher_stages = (-1,)
-        self._pending: tuple[ModelOutput, Tensor, Tensor] | None = None
 
     def setup(self, student: Backbone, teachers: Sequence[Backbone]) -> None:
         n = len(student.feature_info)
@@ -186,31 +185,22 @@ class UNIC(DistillTerm):
             )
         return torch.stack(losses, 1)
 
-    def teacher_weights(
-        self, student: ModelOutput, teachers: Sequence[ModelOutput], target: Tensor
-    ) -> Tensor:
-        losses = self.per_teacher_losses(student, teachers)
-        # Dropping regularises training; in evaluation every teacher counts, so the loss of
-        # a validation batch (val/loss without accuracy) does not depend on random draws.
-        p = self.drop_prob if self.training else 0.0
-        coeff = teacher_drop_coefficients(losses, p, self.normalize)
-        # forward() reuses these for the same outputs (the module calls both per step).
-        self._pending = (student, losses, coeff)
-        keep = (coeff > 0).float()
-        return keep / keep.sum(-1, keepdim=True)
-
     def forward(
         self,
         student: ModelOutput,
         teachers: Sequence[ModelOutput],
         target: Tensor,
         teacher_weights: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        if self._pending is None or self._pending[0] is not student:
-            self.teacher_weights(student, teachers, target)  # called on its own
-        _, losses, coeff = self._pending
-        self._pending = None
-        return {"unic": (coeff * losses).sum()}
+    ) -> TermOutput:
+        losses = self.per_teacher_losses(student, teachers)
+        # Dropping regularises training; in evaluation every teacher counts, so the loss of
+        # a validation batch (val/loss without accuracy) does not depend on random draws.
+        p = self.drop_prob if self.training else 0.0
+        coeff = teacher_drop_coefficients(losses, p, self.normalize)
+        keep = (coeff > 0).float()
+        return TermOutput(
+            {"unic": (coeff * losses).sum()}, teacher_weights=keep / keep.sum(-1, keepdim=True)
+        )
 
 
 def _resample(x: Tensor, grid: tuple[int, int]) -> Tensor:
