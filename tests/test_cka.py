@@ -281,6 +281,26 @@ def test_a_rank_without_batches_does_not_hang_the_others():
     assert torch.allclose(out[0], single.compute()) and torch.equal(out[0], out[1])
 
 
+def test_accumulator_is_a_torchmetrics_metric_whose_states_sum():
+    """The states reduce by sum (what DDP synchronisation applies): two accumulators that
+    saw disjoint batches, merged, give the matrix of one that saw them all."""
+    import torchmetrics
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 5, generator=g)
+    single, first, second = MinibatchCKA(2, 1), MinibatchCKA(2, 1), MinibatchCKA(2, 1)
+    assert isinstance(single, torchmetrics.Metric)
+    for i in range(0, 256, 64):
+        feats = ([x[i : i + 64], x[i : i + 64].tanh()], [y[i : i + 64] + x[i : i + 64, :5]])
+        single.update(*feats)
+        (first if i < 128 else second).update(*feats)
+    first.merge_state(second)
+    assert torch.equal(first.batches, single.batches) and first.batches == 4
+    assert torch.allclose(first.compute(), single.compute(), rtol=0, atol=1e-12)
+    single.reset()
+    assert single.batches == 0 and not single.s_ab.any()
+
+
 def test_compute_without_batches_is_a_clear_error():
     with pytest.raises(ValueError, match="saw no batches"):
         MinibatchCKA(2, 2).compute()

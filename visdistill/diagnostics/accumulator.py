@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
+from torchmetrics import Metric
 
 
 class NoCKABatchesError(ValueError):
@@ -60,7 +63,7 @@ def _hsic1_self(terms: tuple[Tensor, Tensor], m: int) -> Tensor:
     return (trace + middle - last) / (m * (m - 3))
 
 
-class MinibatchCKA(nn.Module):
+class MinibatchCKA(Metric):
     """Accumulates unbiased HSIC_1 sums over minibatches (Nguyen et al., 2021).
 
     Per batch it builds each layer's linear Gram ``(m, m)`` (float32, on batch-centred
@@ -69,24 +72,36 @@ class MinibatchCKA(nn.Module):
     ``HSIC_1(K_p, K_p)`` and ``HSIC_1(L_q, L_q)`` to float64 sums; features are dropped
     right away, so memory does not grow with the number of samples. Because HSIC_1 is
     unbiased, the ratio of averaged sums estimates the population CKA whatever the batch
-    size. Under DDP, :meth:`compute` all-reduces the sums.
+    size.
+
+    A ``torchmetrics.Metric``: the four sums are states with ``dist_reduce_fx="sum"``, so
+    under DDP :meth:`compute` sums them over ranks (torchmetrics' synchronisation) before
+    taking the ratio, and ``reset``, ``.to(device)`` and ``state_dict`` come from it too.
 
     Args:
         num_a, num_b: number of layers of model A (rows) and model B (columns).
+        **kwargs: ``torchmetrics.Metric`` options (``process_group``, ``sync_on_compute``...).
     """
 
-    def __init__(self, num_a: int, num_b: int) -> None:
-        super().__init__()
-        self.register_buffer("s_ab", torch.zeros(num_a, num_b, dtype=torch.float64))
-        self.register_buffer("s_aa", torch.zeros(num_a, dtype=torch.float64))
-        self.register_buffer("s_bb", torch.zeros(num_b, dtype=torch.float64))
-        self.register_buffer("batches", torch.zeros((), dtype=torch.float64))
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
 
-    def reset(self) -> None:
-        for buf in (self.s_ab, self.s_aa, self.s_bb, self.batches):
-            buf.zero_()
+    s_ab: Tensor
+    s_aa: Tensor
+    s_bb: Tensor
+    batches: Tensor
 
-    @torch.no_grad()
+    def __init__(self, num_a: int, num_b: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Persistent, as the buffers of the nn.Module this replaced were: state_dict keeps them.
+        for name, shape in (("s_ab", (num_a, num_b)), ("s_aa", (num_a,)), ("s_bb", (num_b,))):
+            zeros = torch.zeros(shape, dtype=torch.float64)
+            self.add_state(name, zeros, dist_reduce_fx="sum", persistent=True)
+        self.add_state(
+            "batches", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True
+        )
+
     def update(self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor]) -> None:
         """Add one batch: ``feats_a[p]`` ``(m, ...)`` and ``feats_b[q]`` ``(m, ...)``, same examples."""
         if len(feats_a) != self.s_aa.numel() or len(feats_b) != self.s_bb.numel():
@@ -100,30 +115,44 @@ class MinibatchCKA(nn.Module):
                 f"every layer needs the same batch of more than 3 examples (got sizes "
                 f"{sorted({f.shape[0] for f in [*feats_a, *feats_b]})}); use drop_last=True"
             )
-        terms_a = _hsic1_terms(torch.stack([_gram_f32(f) for f in feats_a]))  # P x (m, m)
-        terms_b = _hsic1_terms(torch.stack([_gram_f32(f) for f in feats_b]))  # Q x (m, m)
-        self.s_aa += _hsic1_self(terms_a, m).to(self.s_aa.device)
-        self.s_bb += _hsic1_self(terms_b, m).to(self.s_bb.device)
-        self.s_ab += _hsic1_cross(terms_a, terms_b, m).to(self.s_ab.device)
-        self.batches += 1
+        with torch.no_grad():
+            terms_a = _hsic1_terms(torch.stack([_gram_f32(f) for f in feats_a]))  # P x (m, m)
+            terms_b = _hsic1_terms(torch.stack([_gram_f32(f) for f in feats_b]))  # Q x (m, m)
+            self.s_aa += _hsic1_self(terms_a, m).to(self.s_aa.device)
+            self.s_bb += _hsic1_self(terms_b, m).to(self.s_bb.device)
+            self.s_ab += _hsic1_cross(terms_a, terms_b, m).to(self.s_ab.device)
+            self.batches += 1
 
     def compute(self) -> Tensor:
         """The ``(P, Q)`` CKA matrix of everything seen so far (all ranks under DDP).
 
+        Like every ``torchmetrics.Metric``, a single value (``P = Q = 1``) comes back as a
+        0-d tensor.
+
         Every rank must call it, also a rank that saw no batch (it contributes zeros):
-        the check for "no batches at all" comes after the all-reduce, so no rank hangs.
+        torchmetrics sums the states over ranks first, and the check for "no batches at
+        all" comes after that, so no rank hangs.
         """
-        bufs = (self.s_ab, self.s_aa, self.s_bb, self.batches.reshape(1))
-        flat = torch.cat([b.flatten() for b in bufs])  # a copy: one collective, not four
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat)
-        s_ab, s_aa, s_bb, batches = (
-            part.view_as(b)
-            for part, b in zip(flat.split([b.numel() for b in bufs]), bufs, strict=True)
-        )
-        if batches == 0:
+        if self.batches == 0:
             raise NoCKABatchesError(
                 "MinibatchCKA saw no batches (each needs more than 3 examples); "
                 "give it more samples or a larger batch size"
             )
-        return s_ab / torch.sqrt(s_aa[:, None] * s_bb[None, :])
+        return self.s_ab / torch.sqrt(self.s_aa[:, None] * self.s_bb[None, :])
+
+
+@contextmanager
+def no_update_warning() -> Iterator[None]:
+    """Drop torchmetrics' "compute called before update" warning for :class:`MinibatchCKA`.
+
+    A DDP rank that got no batch still calls ``compute`` (the states are summed over all
+    ranks, so it must take part), and with no batch anywhere :meth:`MinibatchCKA.compute`
+    raises its own :class:`NoCKABatchesError`: the warning adds nothing in either case.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The ``compute`` method of metric MinibatchCKA was called before",
+            category=UserWarning,
+        )
+        yield

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from ..checkpoints import atomic_write
 from ..errors import ConfigError
 from ..models import Backbone
-from .accumulator import MinibatchCKA, NoCKABatchesError
+from .accumulator import MinibatchCKA, NoCKABatchesError, no_update_warning
 
 MATRIX_SUFFIXES = (".csv", ".json")
 
@@ -78,10 +78,12 @@ def cka_matrix(
             "Use drop_last=True or a sample count that is a multiple of the batch size.",
             stacklevel=2,
         )
-    # compute() all-reduces before it checks for "no batches", so under DDP a rank that got
-    # no batch cannot leave the others waiting.
+    # compute() sums the states over ranks before it checks for "no batches", so under DDP a
+    # rank that got no batch cannot leave the others waiting.
     try:
-        matrix = acc.compute().cpu()
+        with no_update_warning():
+            # torchmetrics returns a 1 x 1 result as a 0-d tensor; the heat map wants (P, Q).
+            matrix = acc.compute().cpu().reshape(len(stages_a), len(stages_b))
     except NoCKABatchesError as e:
         raise NoCKABatchesError(f"{e} (the loader yielded no usable batch)") from None
     return matrix, stage_names(model_a, stages_a), stage_names(model_b, stages_b)
