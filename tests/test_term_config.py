@@ -12,7 +12,16 @@ from visdistill.distillers.base import DistillTerm, term_from_config
 
 
 class _Scaled(KD):
-    """A subclass whose __init__ calls KD's: the outermost arguments are the record."""
+    """A subclass whose __init__ calls KD's: its own arguments are the record."""
+
+    def __init__(self, scale: float = 2.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_config()
+        self.scale = scale
+
+
+class _Unrecorded(KD):
+    """A subclass with its own __init__ that forgets save_config()."""
 
     def __init__(self, scale: float = 2.0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -22,6 +31,7 @@ class _Scaled(KD):
 class _WithTensor(DistillTerm):
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
+        self.save_config()
         self.register_buffer("table", table)
 
 
@@ -46,6 +56,19 @@ def test_subclass_record_is_the_outermost_call_and_paths_become_strings(tmp_path
     nd = ND(class_means_file=tmp_path / "means.pt", cache_dir="")
     assert nd.config()["init_args"]["class_means_file"] == str(tmp_path / "means.pt")
     assert isinstance(OFA(stages=(1, 2)).config()["init_args"]["stages"], list)
+
+
+def test_the_record_is_the_arguments_as_given_not_the_parents_call():
+    # KD's own save_config() (reached through super().__init__) records nothing for a
+    # subclass: a forgotten call leaves no config rather than KD's arguments under
+    # the subclass's name, which would rebuild it with another `scale`.
+    assert _Unrecorded(scale=3.0).config() is None
+    assert _Scaled(3.0).config()["init_args"] == {"scale": 3.0}  # positional, by name
+    rebuilt = term_from_config(_Scaled(scale=5.0, temperature=2.0).config())
+    assert (rebuilt.scale, rebuilt.temperature) == (5.0, 2.0)
+    # No constructor rewriting: the classes keep the __init__ they define.
+    assert "__init_subclass__" not in vars(DistillTerm)
+    assert not hasattr(KD.__init__, "__wrapped__")
 
 
 def test_a_term_with_a_non_plain_argument_has_no_config():

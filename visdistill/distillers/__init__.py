@@ -1,6 +1,7 @@
-"""Distillation terms: ``nn.Module``s, one per method, each a :class:`DistillTerm`."""
+"""Distillation terms: each published method is one :class:`DistillTerm` (an ``nn.Module``)
+that a :class:`~visdistill.DistillationModule` adds to the student's loss."""
 
-from .base import DistillTerm
+from .base import DistillTerm, TermOutput, list_terms, term_from_config
 from .diswot import DisWOT
 from .dkd import DKD
 from .kd import KD
@@ -25,7 +26,10 @@ __all__ = [
     "OutputDiscriminator",
     "RunningStandardizer",
     "TRG",
+    "TermOutput",
     "TokenExit",
     "UNIC",
     "FeatureGate",
+    "list_terms",
+    "term_from_config",
 ]

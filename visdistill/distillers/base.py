@@ -1,15 +1,20 @@
-"""The contract every distillation method implements."""
+"""The contract every distillation term implements.
+
+Vocabulary: a *term* is the object a user configures (``terms:`` in a config, a
+:class:`DistillTerm` in Python): one loss of a published distillation *method* (KD, UNIC,
+...), with its own parameters, that a :class:`~visdistill.DistillationModule` adds to the
+student's loss. Several terms compose in one module.
+"""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +46,7 @@ class TermOutput:
 
 
 class DistillTerm(nn.Module):
-    """One distillation method, composable with others in a :class:`DistillationModule`.
+    """One distillation term, composable with others in a :class:`DistillationModule`.
 
     A term declares what it reads, so the module computes nothing else:
 
@@ -90,10 +95,16 @@ class DistillTerm(nn.Module):
     logs as ``train/<name>/<key>`` on the steps whose metrics reach the loggers, never
     added to the loss.
 
-    Every term records its constructor arguments: :meth:`config` returns them as a
-    LightningCLI-style ``{"class_path", "init_args"}`` dict of plain types, which the module
-    stores in its hyper-parameters so ``load_from_checkpoint`` rebuilds the terms
+    Hyper-parameters: every constructor calls :meth:`save_config` (after
+    ``super().__init__``); :meth:`config` then returns the arguments as a LightningCLI-style
+    ``{"class_path", "init_args"}`` dict of plain types, which the module stores in its
+    hyper-parameters so ``load_from_checkpoint`` rebuilds the terms
     (:func:`term_from_config`).
+
+    Contract: ``tests/test_term_contract.py`` checks every term class of the package (built
+    from a config, checkpoint round trip, frozen teachers, finite loss at extreme inputs,
+    zero case). ``zero_parts`` names the losses that are exactly 0 when every teacher is
+    the student itself; ``contract_exempt`` maps a check that does not apply to the reason.
 
     Args:
         weight: multiplier of this term in the total loss.
@@ -109,9 +120,18 @@ class DistillTerm(nn.Module):
     needs_logits: bool = False
     needs_labels: bool = False
     provides_teacher_weights: bool = False
+    #: Losses that are exactly 0 when every teacher the term reads is the student itself
+    #: (same outputs): the term's documented zero case, checked by the contract test.
+    zero_parts: ClassVar[tuple[str, ...]] = ()
+    #: Contract checks that do not apply to this term, each mapped to the reason
+    #: (``"zero_case"`` when ``zero_parts`` is empty).
+    contract_exempt: ClassVar[dict[str, str]] = {}
+    # The arguments recorded by save_config(); None: not recorded or not plain values.
+    _config_args: dict[str, Any] | None = None
 
     def __init__(self, weight: float = 1.0, teachers: Sequence[str | int] | None = None) -> None:
         super().__init__()
+        self.save_config()  # records only for a subclass without an __init__ of its own
         self.weight = float(weight)
         if teachers is not None and (isinstance(teachers, (str, int)) or not list(teachers)):
             raise ConfigError(
@@ -127,20 +147,39 @@ class DistillTerm(nn.Module):
         self.epoch = 0.0
         self.last_metrics: dict[str, Tensor] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _recording_init(cls.__dict__["__init__"])
+    def save_config(self) -> None:
+        """Record the arguments of the constructor that calls this, for :meth:`config`.
+
+        Lightning's ``save_hyperparameters`` idiom: the arguments are read from the calling
+        constructor's frame, so call it right after ``super().__init__(...)``, before the
+        constructor rebinds any of them. Only the constructor of the instance's own class
+        records; the same call in a base class's constructor (reached through
+        ``super().__init__``) records nothing. So a subclass with an ``__init__`` of its own
+        calls it too, or it has no config (and cannot be rebuilt from a checkpoint).
+        ``**kwargs`` are recorded flat; ``os.PathLike`` values as strings, tuples as lists.
+        """
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        try:
+            init = inspect.unwrap(type(self).__init__)
+            if caller is None or caller.f_code is not getattr(init, "__code__", None):
+                return
+            self._config_args = _recorded_arguments(inspect.signature(init), caller.f_locals)
+        finally:
+            del frame, caller  # frames hold every local of the constructor
 
     def config(self) -> dict[str, Any] | None:
         """``{"class_path": ..., "init_args": {...}}`` that rebuilds this term, or ``None``
-        when an argument is not a plain value (a tensor, a callable): such a term must be
-        passed again to ``load_from_checkpoint``."""
-        args = self.__dict__.get("_init_args")
-        if args is None:
+        when its constructor did not call :meth:`save_config`, or an argument is not a plain
+        value (a tensor, a callable): such a term must be passed again to
+        ``load_from_checkpoint``."""
+        if self._config_args is None:
             return None
         cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(args)}
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": dict(self._config_args),
+        }
 
     def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
         """Parameters of this term that train at another learning rate: ``(params, scale)``
@@ -227,35 +266,44 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-def _recording_init(init):
-    """Wrap a term's ``__init__`` so the outermost call records its bound arguments."""
-    signature = inspect.signature(init)
+def _recorded_arguments(
+    signature: inspect.Signature, values: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The constructor arguments named by ``signature`` (``self`` excluded) from its frame's
+    ``values``, as plain types; ``None`` when one cannot be replayed by keyword."""
+    record: dict[str, Any] = {}
+    for name, param in list(signature.parameters.items())[1:]:
+        value = values[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            record.update(value)
+            continue
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        record[name] = value
+    for name, value in record.items():
+        if isinstance(value, os.PathLike):
+            record[name] = os.fspath(value)
+        elif isinstance(value, tuple):
+            record[name] = list(value)
+    return record if _is_plain(record) else None
 
-    @functools.wraps(init)
-    def wrapped(self, *args, **kwargs):
-        outermost = "_init_args" not in self.__dict__
-        if outermost:  # a subclass's super().__init__() must not overwrite the record
-            object.__setattr__(self, "_init_args", None)
-        init(self, *args, **kwargs)
-        if outermost:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            record: dict[str, Any] = {}
-            for name, value in list(bound.arguments.items())[1:]:
-                kind = signature.parameters[name].kind
-                if kind is inspect.Parameter.VAR_KEYWORD:
-                    record.update(value)
-                elif kind is inspect.Parameter.VAR_POSITIONAL:
-                    record = None  # cannot be replayed by keyword
-                    break
-                elif isinstance(value, os.PathLike):
-                    record[name] = os.fspath(value)
-                else:
-                    record[name] = list(value) if isinstance(value, tuple) else value
-            plain = record is not None and _is_plain(record)
-            object.__setattr__(self, "_init_args", record if plain else None)
 
-    return wrapped
+def list_terms(package: str = "visdistill") -> list[type[DistillTerm]]:
+    """Every public term class defined in ``package`` (and imported), sorted by class path:
+    the registry the contract test iterates. A class counts when it subclasses
+    :class:`DistillTerm` directly or indirectly and its name does not start with ``_``."""
+    found: dict[str, type[DistillTerm]] = {}
+    stack = list(DistillTerm.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        module = cls.__module__
+        if cls.__name__.startswith("_") or not (
+            module == package or module.startswith(f"{package}.")
+        ):
+            continue
+        found[f"{module}.{cls.__qualname__}"] = cls
+    return [found[k] for k in sorted(found)]
 
 
 def term_from_config(spec: DistillTerm | dict[str, Any]) -> DistillTerm:
@@ -287,6 +335,3 @@ def term_from_config(spec: DistillTerm | dict[str, Any]) -> DistillTerm:
     if not (isinstance(cls, type) and issubclass(cls, DistillTerm)):
         raise ConfigError(f"{path!r} is not a DistillTerm class")
     return cls(**dict(spec.get("init_args") or {}))
-
-
-DistillTerm.__init__ = _recording_init(DistillTerm.__init__)  # terms that inherit it record too

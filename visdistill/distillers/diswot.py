@@ -53,6 +53,7 @@ class DisWOT(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if semantic_weight < 0 or relation_weight < 0 or semantic_weight + relation_weight == 0:
             raise ConfigError(
                 "DisWOT needs non-negative semantic_weight and relation_weight, not both 0; got "

@@ -41,6 +41,7 @@ class DKD(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if temperature <= 0:
             raise ConfigError(f"DKD temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)

@@ -38,6 +38,7 @@ class KD(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if temperature <= 0:
             raise ConfigError(f"KD temperature must be > 0, got {temperature}")
         self.temperature, self.warmup_epochs = float(temperature), float(warmup_epochs)

@@ -120,6 +120,7 @@ class MEALV2(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if disc_reduction < 1:
             raise ConfigError(f"MEALV2 disc_reduction must be >= 1, got {disc_reduction}")
         self.disc_reduction = int(disc_reduction)

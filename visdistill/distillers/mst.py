@@ -145,6 +145,7 @@ class MSTRouting(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if mode not in ROUTER_MODES:
             raise ConfigError(f"MSTRouting mode must be one of {ROUTER_MODES}, got {mode!r}")
         if router_input not in ROUTER_INPUTS:

@@ -74,6 +74,7 @@ class ND(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         self.class_means_file, self.cache_dir = class_means_file, cache_dir
         self.augmented, self.dropout = augmented, float(dropout)
         self.projectors = nn.ModuleList()

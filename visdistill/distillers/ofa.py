@@ -189,6 +189,7 @@ class OFA(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if branch not in _BRANCH_KINDS:
             raise ConfigError(f"OFA branch must be one of {_BRANCH_KINDS}, got {branch!r}")
         if temperature <= 0:

@@ -72,6 +72,7 @@ class TRG(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if grid < 2:
             raise ConfigError(f"TRG grid must be >= 2 (a token graph needs tokens), got {grid}")
         if not 0 < tau_end <= tau_start:

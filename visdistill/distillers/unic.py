@@ -116,6 +116,7 @@ class UNIC(DistillTerm):
         teachers: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__(weight, teachers)
+        self.save_config()
         if student_cls not in ("auto", "pool"):
             raise ConfigError(f"UNIC student_cls must be 'auto' or 'pool', got {student_cls!r}")
         self.student_cls = student_cls
