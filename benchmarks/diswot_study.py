@@ -33,7 +33,7 @@ from scipy import stats
 
 from visdistill import KD, DistillationModule, FashionMNISTDataModule, ModelConfig
 from visdistill.search import Candidate, DisWOTScorer, MobileNetV3Space, ResNetSpace, measure_cost
-from visdistill.search.cli import build_teacher, score_batch
+from visdistill.search.run import build_teacher, score_batch
 
 TEACHER = "zoo:fmnist_resnet10t"
 _RES = ResNetSpace(depths=(1, 2), widths=(0.25, 0.5))

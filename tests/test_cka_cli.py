@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from test_cka import np_hsic1  # the one NumPy reference of HSIC_1
 
-from visdistill.cli import main
+from visdistill.commands import main
 from visdistill.diagnostics import MinibatchCKA, hsic1, plot_cka
 from visdistill.models import Backbone
 
@@ -240,7 +240,7 @@ def test_command_without_model_or_config_is_explained(tmp_path, tiny_checkpoint,
               "--data", "digits", "--out", str(tmp_path / "x.png")])  # fmt: skip
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "--model-a is required" in err and "config.json" in err
+    assert "--model_a is required" in err and "config.json" in err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -264,4 +264,4 @@ def test_command_rejects_num_samples_below_one_batch_before_loading(tmp_path, ca
         main(["cka", "--model-a", "no_such_model_xyz", "--model-b", "resnet10t",
               "--num-samples", "16", "--batch-size", "32", "--out", str(tmp_path / "x.png")])  # fmt: skip
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "--num-samples 16" in err  # not the unknown model: no work done
+    assert e.value.code == 1 and "--num_samples 16" in err  # not the unknown model: no work done

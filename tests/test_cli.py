@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from visdistill.cli import main
+from visdistill.commands import main
 
 CONFIG = {
     "seed_everything": 0,
@@ -71,7 +71,7 @@ def test_unknown_model_name_is_one_clear_line(tmp_path):
         "model": {**CONFIG["model"], "student": {"name": "resnet_10t", "num_classes": 10}},
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "visdistill.cli", "fit", "--config", _write(tmp_path, bad)],
+        [sys.executable, "-m", "visdistill", "fit", "--config", _write(tmp_path, bad)],
         capture_output=True,
         text=True,
     )

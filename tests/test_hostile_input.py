@@ -144,9 +144,9 @@ def test_duplicate_yaml_keys_are_refused_with_the_key_and_line(tmp_path, capsys)
     # YAML merge keys override on purpose: not duplicates.
     ok = tmp_path / "merge.yaml"
     ok.write_text("base: &b {lr: 1}\nx:\n  <<: *b\n  lr: 2\n")
-    from visdistill.cli import check_config_files
+    from visdistill.commands.parsing import check_config_file
 
-    check_config_files(["--config", str(ok)])
+    check_config_file(str(ok))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

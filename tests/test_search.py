@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from visdistill import ConfigError, UnknownModelError
-from visdistill.cli import main
+from visdistill.commands import main
 from visdistill.search import (
     Candidate,
     CandidateError,
@@ -293,7 +293,7 @@ def test_search_cli_with_a_trained_teacher_and_a_timm_name_space(tmp_path, capsy
 def test_teacher_from_an_export_folder_and_bad_teacher_paths(tmp_path):
     from safetensors.torch import save_file
 
-    from visdistill.search.cli import build_teacher
+    from visdistill.search.run import build_teacher
 
     kwargs = {"channels": [8, 8, 16, 16], "stem_width": 8}
     model = timm.create_model("resnet10t", num_classes=10, **kwargs)
@@ -327,7 +327,7 @@ def test_printed_table_shows_labels_with_brackets_verbatim():
 
     from rich.console import Console
 
-    from visdistill.search.cli import print_table
+    from visdistill.search.run import print_table
     from visdistill.search.evolution import SearchResult
 
     candidates = [
@@ -349,10 +349,10 @@ def test_printed_table_shows_labels_with_brackets_verbatim():
 def test_unwritable_search_outputs_fail_before_any_scoring(tmp_path, capsys, monkeypatch):
     """An --out or --results that cannot be written is refused before the (long) scoring,
     never after it: the ranking is not computed only to be lost."""
-    import visdistill.search.cli as search_cli
+    import visdistill.search.run as search_run
 
     scored = []
-    monkeypatch.setattr(search_cli, "score_batch", lambda *a: scored.append(1) or 1 / 0)
+    monkeypatch.setattr(search_run, "score_batch", lambda *a: scored.append(1) or 1 / 0)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     for flag in ("--out", "--results"):

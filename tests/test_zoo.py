@@ -17,7 +17,7 @@ from visdistill import (
     export_student,
     zoo,
 )
-from visdistill.cli import main
+from visdistill.commands import main
 from visdistill.models import Backbone
 
 REPO = Path(__file__).resolve().parents[1]

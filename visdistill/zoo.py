@@ -9,6 +9,7 @@ A manifest names one model::
     num_classes: 10
     input: {size: 32, mean: [...], std: [...], interpolation: bicubic}
     dataset: fashion_mnist                 # what ``visdistill zoo evaluate`` runs on
+                                           # (see visdistill.evaluation)
     metrics: {test_top1: 90.14}            # measured by ``visdistill zoo evaluate``
     recipe: configs/teachers/fmnist_resnet10t.yaml
     weights:
@@ -31,9 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -233,26 +232,26 @@ def _download_target(entry: ZooEntry) -> Path:
     return cache_dir() / entry.name / name
 
 
-def _download(url: str, dest: Path, progress: bool) -> None:
+def _download(entry: ZooEntry, dest: Path, progress: bool) -> None:
+    """Fetch ``entry``'s URL to ``dest`` with torch's downloader: it writes a temporary file
+    beside ``dest`` and moves it into place only after the sha256 matched (a bad download is
+    never placed; without a published sha256 the caller allowed unverified weights)."""
+    url, expected = entry.weights.url, entry.weights.sha256
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            from tqdm.auto import tqdm
-
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    bar.update(len(block))
-        os.replace(tmp, dest)
+        torch.hub.download_url_to_file(
+            url, str(dest), hash_prefix=expected.lower() if expected else None, progress=progress
+        )
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise CheckpointError(
+            f"sha256 mismatch for {entry.name} weights downloaded from {url} ({e}); the file "
+            "was not kept. The download is corrupt or was tampered with, or the manifest's "
+            "sha256 is wrong"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"could not download {url}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def weights_path(
@@ -270,12 +269,7 @@ def weights_path(
         if not path.is_file():
             if not w.sha256 and not allow_unverified:
                 _check_hash(entry, path, allow_unverified)  # refuse before downloading
-            _download(w.url, path, progress)
-            try:
-                _check_hash(entry, path, allow_unverified)
-            except CheckpointError:
-                path.unlink(missing_ok=True)  # never keep a bad download
-                raise
+            _download(entry, path, progress)  # verified while downloading
             return path
     if not path.is_file():
         raise CheckpointError(f"zoo entry {entry.name}: weights file not found: {path}")
@@ -388,38 +382,3 @@ def entry_file_size(entry: ZooEntry) -> int | None:
     except CheckpointError:
         return None
     return path.stat().st_size if path.is_file() else None
-
-
-# ---------------------------------------------------------------------------- evaluation
-def evaluate(
-    name: str, batch_size: int = 256, limit: int | None = None, progress: bool = True
-) -> float:
-    """Top-1 accuracy (%) of a zoo model on its data set's test split.
-
-    Only data sets available offline are supported (``fashion_mnist``, ``digits``).
-    """
-    from .data import DigitsDataModule, FashionMNISTDataModule
-    from .errors import DataNotFoundError
-    from .models import Backbone
-
-    entry = get_entry(name)
-    modules = {"fashion_mnist": FashionMNISTDataModule, "digits": DigitsDataModule}
-    if entry.dataset not in modules:
-        raise DataNotFoundError(
-            f"zoo entry {entry.name} was measured on {entry.dataset!r}, which visdistill cannot "
-            f"load offline (supported: {sorted(modules)}); evaluate it with `visdistill test` "
-            "and a data module for your copy of the data"
-        )
-    side = entry.input.get("size") or 32
-    dm = modules[entry.dataset](batch_size=batch_size, image_size=side, test_subset=limit)
-    dm.setup("test")
-    model = Backbone(PREFIX + entry.name).eval()
-    correct = total = 0
-    from tqdm.auto import tqdm
-
-    with torch.no_grad():
-        for batch in tqdm(dm.test_dataloader(), desc=entry.name, disable=not progress):
-            pred = model(batch["image"]).logits.argmax(-1)
-            correct += int((pred == batch["target"]).sum())
-            total += len(pred)
-    return 100.0 * correct / total

@@ -1,0 +1,5 @@
+"""``python -m visdistill``: the ``visdistill`` command."""
+
+from .commands import main
+
+main()
