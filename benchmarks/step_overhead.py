@@ -69,9 +69,11 @@ def main() -> None:
         eval_teachers=False,
     )
     hooks = ("compute_losses", "backward", "training_step", "log", "log_dict")
-    hooks += ("_loss_is_nonfinite", "_update_term_progress")
+    hooks += ("_update_term_progress",)
     for name in hooks:
         setattr(module, name, timed(name, getattr(module, name)))
+    guard = module.nonfinite_guard
+    guard.loss_is_nonfinite = timed("_loss_is_nonfinite", guard.loss_is_nonfinite)
     module.train_acc.update = timed("train_acc.update", module.train_acc.update)
     configure = module.configure_optimizers
 

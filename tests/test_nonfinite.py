@@ -78,9 +78,9 @@ def test_nan_pixels_are_caught_by_the_guard():
     images = torch.rand(4, 3, 32, 32)
     images[0, 0, 0, 0] = float("nan")
     total, parts, _ = module.compute_losses({"image": images, "target": torch.arange(4)})
-    assert module._loss_is_nonfinite(total)
+    assert module.nonfinite_guard.loss_is_nonfinite(module, total)
     with pytest.raises(NonFiniteLossError, match="non-finite loss in ce .*NaN/inf pixels"):
-        module._handle_nonfinite(parts, 0)
+        module.nonfinite_guard.handle(module, parts, 0)
 
 
 def test_unknown_mode_is_a_config_error():

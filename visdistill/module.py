@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -17,15 +16,14 @@ from . import resume
 from .checkpoints import use_atomic_checkpoint_io
 from .data.base import data_has_labels
 from .distillers.base import DistillTerm, TermOutput, as_term_output, term_from_config
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError
+from .fast_path import apply_fast_path
 from .models import Backbone, ModelConfig, ModelOutput
+from .nonfinite import NonFiniteGuard
 from .quiet import ExpectedWarnings
+from .teacher_scores import TeacherScores
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource, check_teacher_precision
-from .teachers import ENSEMBLE, TeacherEnsemble, ensemble_probs, per_teacher_stages
-
-_NONFINITE_MODES = ("skip", "raise", "ignore")
-# The skipped-fraction limit applies once this many training steps were tried in the run.
-_FRACTION_MIN_STEPS = 20
+from .teachers import TeacherEnsemble, per_teacher_stages
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -148,25 +146,11 @@ class DistillationModule(L.LightningModule):
                 "to the same value for all models (num_classes: 0 on a teacher used for its "
                 "features only)"
             )
-        if nonfinite not in _NONFINITE_MODES:
-            raise ConfigError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
-        if nonfinite_max_consecutive is not None and nonfinite_max_consecutive < 1:
-            raise ConfigError(
-                "nonfinite_max_consecutive must be >= 1 (or null for no limit), got "
-                f"{nonfinite_max_consecutive}"
-            )
-        if nonfinite_max_fraction is not None and not 0 < nonfinite_max_fraction <= 1:
-            raise ConfigError(
-                "nonfinite_max_fraction must be in (0, 1] (or null for no limit), got "
-                f"{nonfinite_max_fraction}"
-            )
-        self.nonfinite = nonfinite
-        self.nonfinite_max_consecutive = nonfinite_max_consecutive
-        self.nonfinite_max_fraction = nonfinite_max_fraction
-        # This process's run: steps tried and skipped, and the current streak of skips.
-        self._steps_tried = self._steps_skipped = self._skip_streak = 0
-        self._step_skipped = False
-        # A buffer, so the count survives checkpoints and resumes.
+        # NaN/inf losses: this run's policy and counters; the count that survives
+        # checkpoints and resumes is a buffer.
+        self.nonfinite_guard = NonFiniteGuard(
+            nonfinite, nonfinite_max_consecutive, nonfinite_max_fraction
+        )
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(
@@ -224,15 +208,7 @@ class DistillationModule(L.LightningModule):
             self.train_acc = MulticlassAccuracy(k, average="micro")
             self.val_acc = MulticlassAccuracy(k, average="micro")
             self.test_acc = MulticlassAccuracy(k, average="micro")
-        # Teachers with a classifier have an accuracy: one metric each plus their ensemble;
-        # shared by val (first epoch) and test.
-        self._scored = self.teachers.classifiers if self.teachers is not None else []
-        n_scored, k_teachers = len(self._scored), classes
-        self.teacher_acc = nn.ModuleList(
-            MulticlassAccuracy(k_teachers, average="micro")
-            for _ in range(n_scored + (n_scored > 1))
-        )
-        self._teacher_val_scores: dict[str, float] | None = None
+        self.teacher_scores = TeacherScores(self.teachers)
 
     def _bind_teachers(self, term: DistillTerm) -> None:
         """Resolve the teachers ``term`` reads (its ``teachers`` names or positions; all by
@@ -363,17 +339,10 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         self._update_term_progress(batch_idx)
-        self._step_skipped = False
-        guarded = self.nonfinite != "ignore"
-        saved = self._snapshot_step_state() if guarded else None
+        saved = self.nonfinite_guard.before_step(self)
         total, parts, out = self.compute_losses(batch)
-        if guarded:
-            self._steps_tried += 1
-            if self._loss_is_nonfinite(total):
-                # The forward pass already moved BatchNorm/term statistics and the RNG.
-                self._restore_step_state(saved)
-                return self._handle_nonfinite(parts, batch_idx)
-            self._skip_streak = 0
+        if self.nonfinite_guard.skips(self, total, parts, saved, batch_idx):
+            return None  # no update; buffers and RNG are as before the step
         if self.logs_accuracy:
             # update(), not __call__: the epoch value is all we log, no per-batch compute.
             self.train_acc.update(out.logits.detach(), batch["target"])
@@ -415,12 +384,13 @@ class DistillationModule(L.LightningModule):
             total, _, _ = self.compute_losses(batch)
             self.log("val/loss", total, prog_bar=True, batch_size=len(target))
         if self._teachers_scored_this_epoch():
-            self._update_teacher_acc(images, target)
+            self.teacher_scores.update(self.teachers(images), target)
 
     def on_validation_epoch_end(self) -> None:
+        scores = self.teacher_scores
         if self._teachers_scored_this_epoch():
-            self._teacher_val_scores = self._compute_teacher_acc()
-        for name, value in (self._teacher_val_scores or {}).items():
+            scores.val_scores = scores.compute(self.teacher_names)
+        for name, value in (scores.val_scores or {}).items():
             self.log(f"val/{name}_acc", value)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -432,11 +402,11 @@ class DistillationModule(L.LightningModule):
             total, _, _ = self.compute_losses(batch)
             self.log("test/loss", total, batch_size=len(target))
         if self._teachers_scored():
-            self._update_teacher_acc(images, target)
+            self.teacher_scores.update(self.teachers(images), target)
 
     def on_test_epoch_end(self) -> None:
         if self._teachers_scored():
-            for name, value in self._compute_teacher_acc().items():
+            for name, value in self.teacher_scores.compute(self.teacher_names).items():
                 self.log(f"test/{name}_acc", value)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -448,105 +418,18 @@ class DistillationModule(L.LightningModule):
         probs = self.student(batch["image"]).logits.softmax(-1)
         return {"index": batch["index"], "probs": probs, "pred": probs.argmax(-1)}
 
-    def _loss_is_nonfinite(self, total: Tensor) -> bool:
-        bad = (~torch.isfinite(total.detach())).float()
-        if self._trainer is not None:
-            # Every rank must skip together, or DDP's gradient all-reduce would hang.
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad > 0)
-
-    def _handle_nonfinite(self, parts: dict[str, Tensor], batch_idx: int) -> None:
-        culprits = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
-        where = f"epoch {self.current_epoch}, batch {batch_idx}, global step {self.global_step}"
-        named = ", ".join(culprits) or "the total (components finite; another rank's batch)"
-        hint = (
-            "Lower the learning rate or the term's weight/temperature (OFA: eps), clip "
-            "gradients (trainer.gradient_clip_val), and check the data for NaN/inf pixels"
-        )
-        if self.nonfinite == "raise":
-            raise NonFiniteLossError(f"non-finite loss in {named} at {where}. {hint}.")
-        self.nonfinite_steps += 1
-        self._steps_skipped += 1
-        self._skip_streak += 1
-        self._step_skipped = True
-        count = int(self.nonfinite_steps)
-        self._check_skip_limits(named, where, hint)
-        if count == 1 or count % 100 == 0:
-            warnings.warn(
-                f"skipped training step {count} with a non-finite loss in {named} at {where} "
-                f"(nonfinite: skip). {hint}; or set nonfinite: raise to stop.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.log("train/nonfinite_steps", float(count), batch_size=1)
-        return None
-
-    def _check_skip_limits(self, named: str, where: str, hint: str) -> None:
-        """Stop with a :class:`NonFiniteLossError` when too many steps were skipped in a row
-        or in all (``nonfinite_max_consecutive`` / ``nonfinite_max_fraction``)."""
-        streak, tried, skipped = self._skip_streak, self._steps_tried, self._steps_skipped
-        limit = self.nonfinite_max_consecutive
-        if limit is not None and streak >= limit:
-            raise NonFiniteLossError(
-                f"stopping: {streak} training steps in a row had a non-finite loss (the last in "
-                f"{named} at {where}; nonfinite_max_consecutive: {limit}). {hint}."
-            )
-        frac = self.nonfinite_max_fraction
-        if frac is not None and tried >= _FRACTION_MIN_STEPS and skipped > frac * tried:
-            raise NonFiniteLossError(
-                f"stopping: {skipped} of {tried} training steps had a non-finite loss, more than "
-                f"nonfinite_max_fraction: {frac} (the last in {named} at {where}). {hint}."
-            )
-
-    def _snapshot_step_state(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
-        """Copies of the student's and the terms' buffers and the torch RNG states, taken
-        before a training step's forward pass (a few BatchNorm vectors: cheap)."""
-        seen: set[int] = set()
-        buffers = []
-        for module in (self.student, self.terms):
-            for buf in module.buffers():
-                if id(buf) not in seen:
-                    seen.add(id(buf))
-                    buffers.append((buf, buf.detach().clone()))
-        cuda = self.device.type == "cuda"
-        cuda_rng = torch.cuda.get_rng_state(self.device) if cuda else None
-        return buffers, torch.get_rng_state(), cuda_rng
-
-    @torch.no_grad()
-    def _restore_step_state(
-        self, saved: tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor | None]
-    ) -> None:
-        """Undo a skipped step's forward pass: buffers and RNG back to the snapshot."""
-        buffers, cpu_rng, cuda_rng = saved
-        for buf, copy in buffers:
-            buf.copy_(copy)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, self.device)
-
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Lightning steps ``interval: step`` schedulers after every batch, also after one
         whose training step returned ``None``: a skipped (non-finite) step does not count."""
-        if self._step_skipped and self._trainer is not None:
-            configs = [c for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler]
-            if configs and configs[0].interval == "step":
-                return
-        super().lr_scheduler_step(scheduler, metric)
+        if self.nonfinite_guard.scheduler_may_step(self, scheduler):
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # A Lightning 2.6 restart bug would make this epoch's checkpoints resume wrongly.
         resume.repair_epoch_progress(self.trainer)
 
     def on_train_end(self) -> None:
-        if self._steps_skipped:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(
-                f"{self._steps_skipped} of {self._steps_tried} training steps of this run were "
-                f"skipped for a non-finite loss ({int(self.nonfinite_steps)} in all, counting "
-                "resumed runs; train/nonfinite_steps). Check the data and the learning rate.",
-                category=RuntimeWarning,
-            )
+        self.nonfinite_guard.warn_at_train_end(self)
 
     def _update_term_progress(self, batch_idx: int) -> None:
         if not self.terms or self._trainer is None:
@@ -565,35 +448,19 @@ class DistillationModule(L.LightningModule):
     def _teachers_scored(self) -> bool:
         """Whether teachers' accuracies are measured: asked for, some teacher has a
         classifier, and the data has labels."""
-        return self.eval_teachers and bool(self._scored) and self._labelled
+        return self.eval_teachers and self.teacher_scores.enabled and self._labelled
 
     def _teachers_scored_this_epoch(self) -> bool:
         return (
             self._teachers_scored()
-            and self._teacher_val_scores is None
+            and self.teacher_scores.val_scores is None
             and not (self._trainer is not None and self.trainer.sanity_checking)
         )
-
-    def _update_teacher_acc(self, images: Tensor, target: Tensor) -> None:
-        everyone = self.teachers(images)
-        outs = [everyone[i] for i in self._scored]  # the classifier teachers
-        for metric, out in zip(self.teacher_acc, outs, strict=False):
-            metric.update(out.logits, target)
-        if len(outs) > 1:
-            self.teacher_acc[-1].update(ensemble_probs(outs), target)
 
     @property
     def teacher_names(self) -> list[str]:
         """The teachers' names in metric keys (``val/<name>_acc``): aliases or short names."""
         return self.teachers.names if self.teachers is not None else []
-
-    def _compute_teacher_acc(self) -> dict[str, float]:
-        names = [*(self.teacher_names[i] for i in self._scored), ENSEMBLE]
-        scores = {}
-        for name, metric in zip(names, self.teacher_acc, strict=False):
-            scores[name] = float(metric.compute())
-            metric.reset()
-        return scores
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -627,18 +494,14 @@ class DistillationModule(L.LightningModule):
         # nonfinite="skip" returns None from training_step on purpose (and warns itself).
         self._expected_warnings = ExpectedWarnings(
             eval_modules=sum(1 for _ in self.teachers.modules()) if self.teachers else 0,
-            skipped_steps=self.nonfinite == "skip",
+            skipped_steps=self.nonfinite_guard.mode == "skip",
         )
         self._expected_warnings.enter()
         use_atomic_checkpoint_io(self.trainer)  # .ckpt files: temp file beside, fsync, rename
         self._check_data_classes()
-        if self.channels_last and self.device.type == "cuda":
-            self.to(memory_format=torch.channels_last)
-        if self.compile_options:
-            kwargs = self.compile_options if isinstance(self.compile_options, dict) else {}
-            self.student.compile(**kwargs)
-            for teacher in self.teachers or []:
-                teacher.compile(**kwargs)
+        apply_fast_path(
+            self, self.device, self.student, self.teachers, self.channels_last, self.compile_options
+        )
         if self.teacher_cache_dir is not None:
             self.train_teachers = CachedTeachers.open(
                 self.teacher_cache_dir,
