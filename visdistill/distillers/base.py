@@ -101,10 +101,11 @@ class DistillTerm(nn.Module):
     hyper-parameters so ``load_from_checkpoint`` rebuilds the terms
     (:func:`term_from_config`).
 
-    Contract: ``tests/test_term_contract.py`` checks every term class of the package (built
+    Contract: the project's term contract test checks every term class of the package (built
     from a config, checkpoint round trip, frozen teachers, finite loss at extreme inputs,
-    zero case). ``zero_parts`` names the losses that are exactly 0 when every teacher is
-    the student itself; ``contract_exempt`` maps a check that does not apply to the reason.
+    zero case; see the contributing guide, "Adding a method"). ``zero_parts`` names the
+    losses that are exactly 0 when every teacher is the student itself; ``contract_exempt``
+    maps a check that does not apply to the reason.
 
     Args:
         weight: multiplier of this term in the total loss.

@@ -31,7 +31,8 @@ class DisWOT(DistillTerm):
 
     With several teachers the per-teacher distances are averaged, weighted by the batch mean
     of the per-sample teacher weights when a term provides them. Teacher features come
-    without gradients: only the student (and the projectors) learn.
+    without gradients: only the student (and the projectors) learn. Zero case: both parts
+    are 0 when every teacher's stage map is the student's (same width: no projector).
 
     Args:
         student_stage: the student stage (default the last, before pooling).
@@ -42,6 +43,7 @@ class DisWOT(DistillTerm):
     """
 
     name = "diswot"
+    zero_parts = ("semantic", "relation")
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ class DKD(DistillTerm):
     """Decoupled KD against the teachers' (weighted) mean soft target.
 
     ``warmup_factor * (alpha * TCKD + beta * NCKD)`` (:func:`~visdistill.losses.dkd_loss`),
-    the logit baseline ND and OFA are measured against.
+    the logit baseline ND and OFA are measured against. Zero case: 0 when the student's
+    logits equal every teacher's (both parts are KL divergences).
 
     Args:
         alpha, beta: TCKD and NCKD weights (mdistiller CIFAR: 1 and 8; ImageNet: 0.5 and 0.5).
@@ -30,6 +31,7 @@ class DKD(DistillTerm):
     name = "dkd"
     needs_logits = True
     needs_labels = True
+    zero_parts = ("dkd",)
 
     def __init__(
         self,

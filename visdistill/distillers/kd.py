@@ -17,7 +17,8 @@ class KD(DistillTerm):
     """Hinton knowledge distillation (2015) from one teacher or an ensemble.
 
     Target: the (per-sample weighted, else plain) mean over teachers of ``softmax(z_m / T)``; loss
-    ``T^2 * KL(target || softmax(z_s / T))`` (:func:`~visdistill.losses.kd_loss`).
+    ``T^2 * KL(target || softmax(z_s / T))`` (:func:`~visdistill.losses.kd_loss`). Zero case: 0
+    when the student's logits equal every teacher's.
 
     Args:
         temperature: softening temperature ``T`` (4 is the common CIFAR choice).
@@ -29,6 +30,7 @@ class KD(DistillTerm):
 
     name = "kd"
     needs_logits = True
+    zero_parts = ("kd",)
 
     def __init__(
         self,

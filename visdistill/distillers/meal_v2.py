@@ -82,6 +82,9 @@ class MEALV2(DistillTerm):
       gradient-reversal layer makes the student maximise it (fool the discriminator).
     - ``"none"``: the ensemble soft target only.
 
+    No zero case: a student equal to its teachers still has the soft target's entropy as
+    its soft cross-entropy, and the discriminator's BCE at chance.
+
     MEAL V2 trains without hard labels from a *pretrained* student: set the student's
     ``pretrained``/``checkpoint`` and ``ce_weight: 0``. From scratch, keep the CE.
 
@@ -106,6 +109,11 @@ class MEALV2(DistillTerm):
 
     name = "meal_v2"
     needs_logits = True
+    contract_exempt = {
+        "zero_case": "the soft cross-entropy of a student equal to its teachers is the "
+        "teachers' entropy, not 0 (the official loss), and the discriminator's BCE is not 0 "
+        "when it cannot tell them apart"
+    }
 
     def __init__(
         self,

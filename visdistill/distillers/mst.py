@@ -106,7 +106,9 @@ class MSTRouting(DistillTerm):
     ``soft_mixture``; a gated expert's weight counts for its teacher), so other terms in
     the config follow the routing. Loss weights follow MST's per-epoch schedule
     (:func:`mst_loss_weights`) unless ``schedule=False``. Its output's ``metrics`` hold
-    detached diagnostics (per-expert routing frequency, router entropy) for logging.
+    detached diagnostics (per-expert routing frequency, router entropy) for logging. Zero
+    case: ``kd`` is 0 when the student's logits equal every teacher's (the balancing loss is
+    not: it measures how the router uses the experts).
 
     Args:
         top_k: experts per sample (MST: 1); at most the number of experts.
@@ -127,6 +129,7 @@ class MSTRouting(DistillTerm):
     name = "mst"
     needs_logits = True
     provides_teacher_weights = True
+    zero_parts = ("kd",)
 
     def __init__(
         self,

@@ -46,7 +46,8 @@ class ND(DistillTerm):
     unless already present (resumed checkpoint), given as ``class_means_file`` or found in
     ``cache_dir``. The cache key hashes the teachers' weights, the datamodule's class and
     hyper-parameters, the number of training samples and ``augmented``, so a cache of
-    other teachers or data is never used.
+    other teachers or data is never used. Zero case: 0 when every teacher is the student
+    itself and each image's embedding points along its class mean (e.g. one image per class).
 
     Args:
         class_means_file: a safetensors file with ``teacher{i}`` tensors ``(K, D_i)`` (as
@@ -63,6 +64,7 @@ class ND(DistillTerm):
     name = "nd"
     needs_labels = True
     needs_pooled = True
+    zero_parts = ("nd",)
 
     def __init__(
         self,

@@ -36,6 +36,9 @@ class TRG(DistillTerm):
     - ``global``: cross-space contrastive loss through a linear projector per teacher,
       temperature decaying from ``tau_start`` to ``tau_end`` over the fit (cosine).
 
+    Zero case: ``context`` and ``local`` are 0 when every teacher's map is the student's
+    (``global`` is not: it is contrastive, through a projector).
+
     Combine with a ``KD`` term for the paper's logit part. Per-sample teacher weights
     average the per-teacher losses (uniform by default).
 
@@ -54,6 +57,7 @@ class TRG(DistillTerm):
     """
 
     name = "trg"
+    zero_parts = ("context", "local")
 
     def __init__(
         self,
