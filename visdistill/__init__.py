@@ -11,7 +11,19 @@ from .data import (
     VisionDataModule,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
-from .distillers import DKD, KD, MEALV2, ND, OFA, TRG, UNIC, DistillTerm, DisWOT, MSTRouting
+from .distillers import (
+    DKD,
+    KD,
+    MEALV2,
+    ND,
+    OFA,
+    TRG,
+    UNIC,
+    AdaptorHeads,
+    DistillTerm,
+    DisWOT,
+    MSTRouting,
+)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -24,6 +36,8 @@ from .export import export_student
 from .losses import dkd_loss, kd_loss, nd_loss, ofa_loss, soft_cross_entropy
 from .models import Backbone, InputSpec, ModelConfig, ModelOutput, create_backbone
 from .module import DistillationModule
+from .probe_callbacks import KNNProbe, LinearProbe
+from .probes import knn_classify, linear_probe, probe_exported
 from .progress import LogLineProgressBar
 from .search import diswot_score
 from .summary import DistillationModelSummary, RunSummary
@@ -32,6 +46,7 @@ from .teachers import Teacher, TeacherEnsemble, ensemble_log_probs, ensemble_pro
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptorHeads",
     "DKD",
     "DisWOT",
     "KD",
@@ -54,6 +69,8 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InputSpec",
+    "KNNProbe",
+    "LinearProbe",
     "LogLineProgressBar",
     "MinibatchCKA",
     "ModelConfig",
@@ -74,11 +91,14 @@ __all__ = [
     "export_student",
     "dkd_loss",
     "kd_loss",
+    "knn_classify",
     "nd_loss",
     "ofa_loss",
     "linear_cka",
+    "linear_probe",
     "load_state_dict_file",
     "load_weights_into",
+    "probe_exported",
     "rbf_cka",
     "soft_cross_entropy",
     "search",
