@@ -21,13 +21,36 @@ from .fast_path import apply_fast_path
 from .models import Backbone, ModelConfig, ModelOutput
 from .nonfinite import NonFiniteGuard
 from .quiet import ExpectedWarnings
+from .setup_checks import check_data, check_models, check_weight_providers
 from .teacher_scores import TeacherScores
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource, check_teacher_precision
-from .teachers import TeacherEnsemble, per_teacher_stages
+from .teachers import TeacherEnsemble, teacher_stages_requested
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
     return value if isinstance(value, ModelConfig) else ModelConfig(**value)
+
+
+def _hyperparameters(
+    student: ModelConfig,
+    teachers: list[ModelConfig],
+    terms: list[DistillTerm],
+    ce_weight: float,
+    label_smoothing: float,
+) -> dict[str, Any]:
+    """What ``load_from_checkpoint`` rebuilds the module from, in plain types only
+    (checkpoints must load with ``torch.load(weights_only=True)``)."""
+    hparams: dict[str, Any] = {
+        "student": asdict(student),
+        "teachers": [asdict(t) for t in teachers],
+        "ce_weight": ce_weight,
+        "label_smoothing": label_smoothing,
+    }
+    term_configs = [t.config() for t in terms]
+    # Terms whose arguments are all plain values are rebuilt by load_from_checkpoint.
+    if all(c is not None for c in term_configs):
+        hparams["terms"] = term_configs
+    return hparams
 
 
 class DistillationModule(L.LightningModule):
@@ -112,40 +135,13 @@ class DistillationModule(L.LightningModule):
         student_cfg = _as_config(student)
         teacher_cfgs = [_as_config(t) for t in teachers or []]
         terms = [term_from_config(t) for t in terms or []]
-        # Plain types only: checkpoints must load with torch.load(weights_only=True).
-        hparams: dict[str, Any] = {
-            "student": asdict(student_cfg),
-            "teachers": [asdict(t) for t in teacher_cfgs],
-            "ce_weight": ce_weight,
-            "label_smoothing": label_smoothing,
-        }
-        term_configs = [t.config() for t in terms]
-        # Terms whose arguments are all plain values are rebuilt by load_from_checkpoint.
-        if all(c is not None for c in term_configs):
-            hparams["terms"] = term_configs
-        self.save_hyperparameters(hparams)
+        self.save_hyperparameters(
+            _hyperparameters(student_cfg, teacher_cfgs, terms, ce_weight, label_smoothing)
+        )
         self.student = Backbone.from_config(student_cfg)
         self.teachers = TeacherEnsemble(teacher_cfgs) if teacher_cfgs else None
         self.terms = nn.ModuleList(terms)
-        if self.terms and self.teachers is None:
-            names = ", ".join(type(t).__name__ for t in self.terms)
-            raise ConfigError(
-                f"distillation terms ({names}) need teachers, but none are configured"
-            )
-        if self.student.headless and not self.terms:
-            raise ConfigError(
-                f"the student {self.student.name} is headless (num_classes 0), so it has no "
-                "classifier to train with labels: add a feature distillation term (e.g. UNIC) "
-                "and a teacher, or give the student num_classes"
-            )
-        classes = self.teachers.num_classes if self.teachers is not None else 0
-        if classes and not self.student.headless and classes != self.student.num_classes:
-            raise ConfigError(
-                f"teachers predict {classes} classes but the student "
-                f"{self.student.name} predicts {self.student.num_classes}; set num_classes "
-                "to the same value for all models (num_classes: 0 on a teacher used for its "
-                "features only)"
-            )
+        check_models(self.student, self.teachers, self.terms)
         # NaN/inf losses: this run's policy and counters; the count that survives
         # checkpoints and resumes is a buffer.
         self.nonfinite_guard = NonFiniteGuard(
@@ -165,21 +161,12 @@ class DistillationModule(L.LightningModule):
             self._bind_teachers(term)
             term.setup(self.student, term.own(list(self.teachers)))
         self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
-        n_teachers = len(self.teachers) if self.teachers is not None else 0
-        wanted: list[set[int]] = [set() for _ in range(n_teachers)]
-        for term in self.terms:
-            own = per_teacher_stages(term.teacher_stages, len(term.teacher_indices))
-            for i, stages in zip(term.teacher_indices, own, strict=True):
-                wanted[i].update(stages)
-        self.teacher_stages = [tuple(sorted(s)) for s in wanted]
+        self.teacher_stages = teacher_stages_requested(self.terms, len(self.teachers or []))
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
         self.needs_prefix_tokens = any(t.needs_prefix_tokens for t in self.terms)
         check_teacher_precision(teacher_precision)
-        self.teacher_precision, self.channels_last, self.compile_options = (
-            teacher_precision,
-            channels_last,
-            compile,
-        )
+        self.teacher_precision = teacher_precision
+        self.channels_last, self.compile_options = channels_last, compile
         # Where training steps get the teachers' outputs: the teachers themselves, or (from
         # fit start) the teacher cache. Evaluation always runs the teachers.
         self.live_teachers: TeacherSource | None = None
@@ -191,12 +178,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_cache_dir = teacher_cache
         if teacher_cache is not None:
             CachedTeachers.check_usable(self.teachers, list(self.terms))
-        weighting = [type(t).__name__ for t in self.terms if t.provides_teacher_weights]
-        if len(weighting) > 1:
-            raise ConfigError(
-                f"terms {', '.join(weighting)} each provide per-sample teacher weights; "
-                "keep one of them (the others can still read its weights)"
-            )
+        check_weight_providers(self.terms)
         self.student.check_stages(self.student_stages)
         for teacher, stages in zip(self.teachers or [], self.teacher_stages, strict=True):
             teacher.check_stages(stages)
@@ -498,7 +480,7 @@ class DistillationModule(L.LightningModule):
         )
         self._expected_warnings.enter()
         use_atomic_checkpoint_io(self.trainer)  # .ckpt files: temp file beside, fsync, rename
-        self._check_data_classes()
+        check_data(self, self.trainer.datamodule)
         apply_fast_path(
             self, self.device, self.student, self.teachers, self.channels_last, self.compile_options
         )
@@ -537,40 +519,3 @@ class DistillationModule(L.LightningModule):
         if trainer is not None and trainer.state.fn == "fit":
             resume.restore_rng(checkpoint)
             resume.warn_if_other_data(self, checkpoint)
-
-    def _check_data_classes(self) -> None:
-        """The data's labels against what the models and terms need: on data without labels
-        nothing may read them (cross-entropy, ``needs_labels`` terms); on labelled data the
-        classifiers' class count must be the data's."""
-        datamodule = self.trainer.datamodule
-        if not data_has_labels(datamodule):
-            data = type(datamodule).__name__
-            if self.ce_weight and not self.student.headless:
-                raise ConfigError(
-                    f"ce_weight {self.ce_weight} trains the student on labels, but the data "
-                    f"({data}) has none (labels: false, or a folder without class "
-                    "sub-folders); set model.ce_weight: 0 and distil from teachers"
-                )
-            if not self.terms:
-                raise ConfigError(
-                    f"the data ({data}) has no labels and there are no distillation terms: "
-                    "nothing to learn from; add teachers and a term"
-                )
-            labelled = [type(t).__name__ for t in self.terms if t.needs_labels]
-            if labelled:
-                raise ConfigError(
-                    f"{', '.join(labelled)} read class labels, but the data ({data}) has none; "
-                    "remove them or train on labelled data"
-                )
-            return
-        data_classes = getattr(datamodule, "num_classes", None)
-        if self.student.headless:
-            model_classes = self.teachers.num_classes if self.teachers is not None else 0
-            who = "the classifier teachers predict"
-        else:
-            model_classes, who = self.student.num_classes, "the student predicts"
-        if data_classes and model_classes and data_classes != model_classes:
-            raise ConfigError(
-                f"the data has {data_classes} classes but {who} {model_classes}; set "
-                f"model.student.num_classes (and each classifier teacher's) to {data_classes}"
-            )

@@ -12,6 +12,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +202,18 @@ def per_teacher_stages(stages, n: int) -> list[tuple[int, ...]]:
     if len(stages) != n:
         raise ConfigError(f"got stage lists for {len(stages)} teachers, but there are {n}")
     return [tuple(s) for s in stages]
+
+
+def teacher_stages_requested(terms: Sequence[Any], n: int) -> list[tuple[int, ...]]:
+    """The union of the stage indices ``terms`` read from each of ``n`` teachers, as ``n``
+    sorted tuples: every teacher computes only the features somebody reads. Each term reads
+    its ``teacher_indices`` (set when it was bound to the teachers)."""
+    wanted: list[set[int]] = [set() for _ in range(n)]
+    for term in terms:
+        own = per_teacher_stages(term.teacher_stages, len(term.teacher_indices))
+        for i, stages in zip(term.teacher_indices, own, strict=True):
+            wanted[i].update(stages)
+    return [tuple(sorted(s)) for s in wanted]
 
 
 def teacher_fingerprint(teachers: Sequence[Backbone]) -> str:
