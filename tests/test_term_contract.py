@@ -66,8 +66,18 @@ def _set_nd_means(term, module, student: ModelOutput, teachers, target) -> None:
     term.set_class_means(means)
 
 
+def _fit_adaptor_normalizers(term, module, student: ModelOutput, teachers, target) -> None:
+    """AdaptorHeads: the teacher-feature normalisers' statistics from this batch."""
+    term.reset_normalizers()
+    term.accumulate_normalizers(teachers)
+    term.finalize_normalizers()
+
+
 # Terms whose state needs data before the first step: how the contract test provides it.
-PREPARE: dict[str, Callable[..., None]] = {"ND": _set_nd_means}
+PREPARE: dict[str, Callable[..., None]] = {
+    "ND": _set_nd_means,
+    "AdaptorHeads": _fit_adaptor_normalizers,
+}
 
 
 def _id(cls: type) -> str:

@@ -1,6 +1,7 @@
 """Distillation terms: each published method is one :class:`DistillTerm` (an ``nn.Module``)
 that a :class:`~visdistill.DistillationModule` adds to the student's loss."""
 
+from .adaptor import AdaptorHeads
 from .base import DistillTerm, TermOutput, list_terms, term_from_config
 from .diswot import DisWOT
 from .dkd import DKD
@@ -13,6 +14,7 @@ from .trg import TRG
 from .unic import UNIC, RunningStandardizer
 
 __all__ = [
+    "AdaptorHeads",
     "CNNExit",
     "DKD",
     "DisWOT",
