@@ -1,5 +1,6 @@
 """Training-free student search: DisWOT scores (Dong, Li, Wei, CVPR 2023), timm search
-spaces with cost constraints, exhaustive ranking and regularised evolution."""
+spaces with cost constraints, exhaustive ranking and regularised evolution;
+:func:`run_search` runs a whole search (``visdistill search``)."""
 
 from .evolution import (
     CandidateError,
@@ -11,6 +12,7 @@ from .evolution import (
     search,
     select_parent,
 )
+from .run import run_search
 from .scores import DisWOTScore, DisWOTScorer, classifier_weight, diswot_score, gaussian_init_
 from .spaces import (
     FAMILIES,
@@ -51,6 +53,7 @@ __all__ = [
     "measure_cost",
     "parse_space",
     "rank",
+    "run_search",
     "search",
     "select_parent",
 ]
