@@ -230,3 +230,52 @@ def test_a_frozen_teacher_with_a_new_classifier_is_refused_unless_allowed():
     # The same weights at their own num_classes, and as a student, need no flag.
     assert not Backbone("zoo:fmnist_resnet10t", num_classes=10).new_head
     assert Backbone(**teacher).new_head  # a student: accepted
+
+
+def test_zoo_does_not_import_the_models_module():
+    """models.py builds zoo: models, so zoo.py must not import models.py (the cycle the
+    evaluation module ended): checked on every import statement, also inside functions."""
+    import ast
+
+    tree = ast.parse((REPO / "visdistill" / "zoo.py").read_text())
+    imported = {
+        (node.module or "") + "." + alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not [name for name in imported if "models" in name.split(".")], imported
+
+
+def test_data_sets_by_name_accept_both_spellings(tmp_path):
+    from visdistill import DataNotFoundError, FashionMNISTDataModule, ImageFolderDataModule
+    from visdistill.data.by_name import datamodule_by_name, dataset_name
+
+    assert dataset_name("fashion-mnist") == dataset_name("fashion_mnist") == "fashion_mnist"
+    assert isinstance(datamodule_by_name("fashion-mnist"), FashionMNISTDataModule)
+    assert isinstance(datamodule_by_name("fashion_mnist", image_size=16), FashionMNISTDataModule)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / "0.png")
+    folder = datamodule_by_name(str(tmp_path / "imgs"), folder_as_test=True)
+    assert isinstance(folder, ImageFolderDataModule) and folder.test_dir == tmp_path / "imgs"
+    with pytest.raises(DataNotFoundError, match="'fashion'.*digits, fashion_mnist"):
+        datamodule_by_name("fashion")
+
+
+def test_evaluation_refuses_a_data_set_it_cannot_load_offline(local_zoo):
+    from visdistill import DataNotFoundError
+    from visdistill.evaluation import evaluate_zoo_model
+
+    _manifest(local_zoo, "inet", "  file: w.safetensors\n  sha256: null\n")
+    (local_zoo / "inet.yaml").write_text(
+        (local_zoo / "inet.yaml").read_text().replace("dataset: digits", "dataset: imagenet")
+    )
+    with pytest.raises(DataNotFoundError, match="measured on 'imagenet'.*cannot load offline"):
+        evaluate_zoo_model("zoo:inet")
