@@ -183,7 +183,7 @@ def _check_hash(entry: ZooEntry, path: Path, allow_unverified: bool) -> None:
         if not allow_unverified:
             raise CheckpointError(
                 f"zoo entry {entry.name} has no published sha256, so its weights cannot be "
-                "verified; load it anyway with allow_unverified=True (CLI: --allow-unverified)"
+                "verified; load it anyway with allow_unverified=True (CLI: --allow_unverified true)"
             )
         return
     actual = sha256_file(path)

@@ -9,9 +9,9 @@ from ...errors import ConfigError
 
 
 def load_config(path: str, work_dir: str | None = None, cfg_options: list[str] | None = None):
-    """The mmengine ``Config`` of ``path``, with ``KEY=VALUE`` overrides (mmengine's
-    ``--cfg-options`` syntax) and ``work_dir`` (default: the config's, else
-    ``work_dirs/<config name>``)."""
+    """The mmengine ``Config`` of ``path``, with ``KEY=VALUE`` overrides (the syntax of
+    mmengine's ``--cfg-options``; ``visdistill mmdet --cfg_options``) and ``work_dir``
+    (default: the config's, else ``work_dirs/<config name>``)."""
     import argparse
 
     from mmengine.config import Config, DictAction
