@@ -112,8 +112,8 @@ def test_linear_probe_separates_separable_data():
     xv = centres[labels] + torch.randn(120, 8, generator=g)
     result = linear_probe(x, labels, xv, labels)
     assert result.top1 == 1.0 and (result.predictions == labels).all()
-    assert set(result.sweep) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
-    assert result.weight_decay == 0.1  # every weight decay separates the hold-out: the largest
+    assert set(result.sweep) == {1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0}
+    assert result.weight_decay == 1.0  # every weight decay separates the hold-out: the largest
 
 
 def _digits_split():
@@ -224,7 +224,7 @@ def test_probe_callbacks_in_a_label_free_fit_from_yaml_then_probe_the_export(tmp
             "default_root_dir": str(tmp_path),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "p", "version": ""},
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "p", "version": "v0"},
             },
             "callbacks": [
                 {
@@ -241,7 +241,7 @@ def test_probe_callbacks_in_a_label_free_fit_from_yaml_then_probe_the_export(tmp
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(config))
     main(["fit", "--config", str(path)])
-    metrics = _metrics(tmp_path / "runs" / "p" / "metrics.csv")
+    metrics = _metrics(tmp_path / "runs" / "p" / "v0" / "metrics.csv")
     knn, lin = metrics["val/knn_top1"], metrics["val/linear_top1"]
     # A tiny CNN after 2 steps (BatchNorm statistics barely moved), 300 reference digits,
     # chance 0.1: measured 0.40 (kNN) and 0.43 (linear).
@@ -251,7 +251,7 @@ def test_probe_callbacks_in_a_label_free_fit_from_yaml_then_probe_the_export(tmp
     assert len(calls) == 2
 
     export = tmp_path / "export"
-    export_student(tmp_path / "runs" / "p" / "checkpoints" / "best.ckpt", export)
+    export_student(tmp_path / "runs" / "p" / "v0" / "checkpoints" / "best.ckpt", export)
     result = probe_exported(
         export,
         DigitsDataModule(**digits),
@@ -268,6 +268,8 @@ def test_probe_callbacks_in_a_label_free_fit_from_yaml_then_probe_the_export(tmp
     )
     assert test["split"] == "test" and test["num_eval"] == 359 and "linear_top1" not in test
     assert 0.2 < test["knn_top1"] <= 1  # measured 0.46
+    with pytest.raises(ConfigError, match="split must be 'val' or 'test'"):
+        probe_exported(export, DigitsDataModule(), split="train")
     with pytest.raises(CheckpointError, match="not a `visdistill export` folder"):
         probe_exported(tmp_path / "runs", DigitsDataModule())
 

@@ -30,7 +30,7 @@ from .data.base import UNLABELLED, VisionDataModule, subset
 from .errors import CheckpointError, ConfigError
 
 # The L2 strengths a linear probe sweeps by default (mean cross-entropy objective).
-WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # Query rows per similarity chunk: chunk * N train features stay below this many floats.
 _SIMILARITY_BUDGET = 2**24
 
@@ -74,9 +74,11 @@ def knn_classify(
     num_classes: int | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Weighted kNN class predictions, as DINO's ``eval_knn.py::knn_classifier``.
+    """Weighted kNN class predictions, as DINO's ``knn_classifier`` (Caron et al., 2021;
+    github.com/facebookresearch/dino, ``eval_knn.py``).
 
-    Both feature sets are L2-normalised, so the similarity is the cosine. Each query's
+    Both feature sets are L2-normalised (DINO normalises them after extraction), so the
+    similarity is the cosine. Each query's
     ``k`` most similar train features vote for their class with weight
     ``exp(cos / temperature)``; the prediction is the class with the largest summed weight.
     DINO uses ``k = 20`` ("usually working the best") and ``temperature = 0.07``.
@@ -117,10 +119,10 @@ def knn_classify(
         raise ConfigError(f"k must be >= 1, got {k}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1 (or None: automatic), got {chunk_size}")
     classes = _num_classes(num_classes, train_labels)
     chunk = chunk_size or max(1, _SIMILARITY_BUDGET // n)
-    if chunk < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     k = min(k, n)
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(train.device)
@@ -303,7 +305,14 @@ def probe_datamodule(data: VisionDataModule) -> VisionDataModule:
         return data
     # Keys starting with "_" are LightningCLI's records (_class_path, _instantiator).
     settings = {k: v for k, v in dict(data.hparams).items() if not k.startswith("_")}
-    copy = type(data)(**{**settings, "labels": True, "augment": False})
+    try:
+        copy = type(data)(**{**settings, "labels": True, "augment": False})
+    except TypeError as e:
+        raise ConfigError(
+            f"could not rebuild {type(data).__name__} from its hyper-parameters with labels on "
+            f"and augmentation off ({e}); give the probe a data module built with "
+            "`labels: true, augment: false`"
+        ) from e
     if not copy.has_labels:
         raise ConfigError(
             f"{type(data).__name__} has no labels (an image folder without class sub-folders?); "
@@ -418,6 +427,10 @@ def probe_exported(
         )
     if split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', got {split!r}")
+    if k < 1 or not temperature > 0:
+        raise ConfigError(
+            f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}"
+        )
     try:
         config = json.loads(config_path.read_text())
         size = config.get("pretrained_cfg", {}).get("input_size")
