@@ -170,3 +170,44 @@ def test_errors_are_clear():
         make_normalizer("pca", 4)
     with pytest.raises(ConfigError, match="built for 4 channels"):
         IdentityNormalizer(4)(torch.randn(3, 5))
+
+
+def _ddp_worker(rank: int, world: int, port: int, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        x = _features(n=1000).float()
+        # Unequal shares with different means: rank 0 the first 300 rows, rank 1 the rest.
+        share = x[:300] if rank == 0 else x[300:]
+        for kind in ("phi_s", "standardize"):
+            norm = make_normalizer(kind, 16)
+            for chunk in share.split(128):
+                norm.accumulate(chunk)
+            norm.finalize()
+            out[(kind, rank)] = {k: v.clone() for k, v in norm.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_statistics_are_merged_across_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    x = _features(n=1000).float()
+    for kind in ("phi_s", "standardize"):
+        single = make_normalizer(kind, 16).fit(x).state_dict()
+        for key, value in single.items():
+            assert torch.equal(out[(kind, 0)][key], out[(kind, 1)][key]), key  # same on ranks
+            assert torch.allclose(out[(kind, 0)][key].float(), value.float(), atol=1e-4), key
