@@ -18,6 +18,7 @@ from .data.base import data_has_labels
 from .distillers.base import DistillTerm, TermOutput, as_term_output, term_from_config
 from .errors import ConfigError
 from .fast_path import apply_fast_path
+from .lightning_private import attached_trainer, logs_reach_loggers, repair_epoch_progress
 from .models import Backbone, ModelConfig, ModelOutput
 from .nonfinite import NonFiniteGuard
 from .quiet import ExpectedWarnings
@@ -254,7 +255,7 @@ class DistillationModule(L.LightningModule):
         return "val/loss", "min"
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         self._labelled = data_has_labels(datamodule)
 
     # ------------------------------------------------------------------ forward
@@ -349,11 +350,10 @@ class DistillationModule(L.LightningModule):
         """Log the loss components on the first step and on the steps whose metrics reach the
         loggers (``trainer.log_every_n_steps``) only: every ``self.log`` call costs Lightning
         bookkeeping, and in between the values would only refresh ``callback_metrics``."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or self.global_step == 0 or trainer.fast_dev_run:
             return True
-        # Lightning's own test for "this step's metrics go to the loggers".
-        return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+        return logs_reach_loggers(trainer)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images, target = batch["image"], batch["target"]
@@ -408,15 +408,15 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # A Lightning 2.6 restart bug would make this epoch's checkpoints resume wrongly.
-        resume.repair_epoch_progress(self.trainer)
+        repair_epoch_progress(self.trainer)
 
     def on_train_end(self) -> None:
         self.nonfinite_guard.warn_at_train_end(self)
 
     def _update_term_progress(self, batch_idx: int) -> None:
-        if not self.terms or self._trainer is None:
+        trainer = attached_trainer(self)
+        if not self.terms or trainer is None:
             return
-        trainer = self.trainer
         batches = trainer.num_training_batches
         epoch = trainer.current_epoch + (
             batch_idx / batches if batches and batches != float("inf") else 0.0
@@ -436,7 +436,7 @@ class DistillationModule(L.LightningModule):
         return (
             self._teachers_scored()
             and self.teacher_scores.val_scores is None
-            and not (self._trainer is not None and self.trainer.sanity_checking)
+            and not getattr(attached_trainer(self), "sanity_checking", False)
         )
 
     @property
@@ -514,7 +514,7 @@ class DistillationModule(L.LightningModule):
         checkpoint["teacher_names"] = self.teacher_names
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         resume.on_load(self, checkpoint, getattr(trainer, "ckpt_path", None))
         if trainer is not None and trainer.state.fn == "fit":
             resume.restore_rng(checkpoint)

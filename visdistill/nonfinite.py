@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, NonFiniteLossError
+from .lightning_private import attached_trainer
 
 MODES = ("skip", "raise", "ignore")
 # The skipped-fraction limit applies once this many training steps were tried in the run.
@@ -83,9 +84,10 @@ class NonFiniteGuard:
     @staticmethod
     def loss_is_nonfinite(module: Any, total: Tensor) -> bool:
         bad = (~torch.isfinite(total.detach())).float()
-        if module._trainer is not None:
+        trainer = attached_trainer(module)
+        if trainer is not None:
             # Every rank must skip together, or DDP's gradient all-reduce would hang.
-            bad = module.trainer.strategy.reduce(bad, reduce_op="sum")
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
         return bool(bad > 0)
 
     def handle(self, module: Any, parts: dict[str, Tensor], batch_idx: int) -> None:
@@ -134,8 +136,9 @@ class NonFiniteGuard:
     def scheduler_may_step(self, module: Any, scheduler: Any) -> bool:
         """Lightning steps ``interval: step`` schedulers after every batch, also after one
         whose training step returned ``None``: a skipped step does not count."""
-        if self.step_skipped and module._trainer is not None:
-            configs = [c for c in module.trainer.lr_scheduler_configs if c.scheduler is scheduler]
+        trainer = attached_trainer(module)
+        if self.step_skipped and trainer is not None:
+            configs = [c for c in trainer.lr_scheduler_configs if c.scheduler is scheduler]
             if configs and configs[0].interval == "step":
                 return False
         return True

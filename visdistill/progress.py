@@ -20,10 +20,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from .errors import ConfigError
 from .formatting import format_duration, format_metric
+from .lightning_private import RICH_AVAILABLE as _RICH_AVAILABLE
 
 ProgressMode = Literal["auto", "bar", "lines"]
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .checkpoints import read_checkpoint_file, state_digest
 from .errors import CheckpointError, format_keys
+from .lightning_private import fit_loop_checkpoint_state
 from .teachers import teacher_fingerprint
 
 KEY = "visdistill"
@@ -197,10 +198,9 @@ def _mark_finished_epoch(checkpoint: dict[str, Any]) -> None:
     the training loader handed out fewer batches than its length, so on resume it would
     skip that many batches of the *next* epoch. Record its epoch as finished instead (what
     a full epoch records by itself)."""
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    if not fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+    last_batch, states = fit_loop_checkpoint_state(checkpoint)
+    if not last_batch:
         return
-    states = fit_loop.get("state_dict", {}).get("combined_loader") or []
     for state in states:
         if isinstance(state, dict) and {"batches", "num_batches"} <= set(state):
             state["batches"] = state["num_batches"]
@@ -339,26 +339,3 @@ def _fingerprint(module: Any) -> str:
     if getattr(module, "_teachers_sha256", None) is None:
         module._teachers_sha256 = teacher_fingerprint(list(module.teachers))
     return module._teachers_sha256
-
-
-def repair_epoch_progress(trainer: Any) -> None:
-    """Work around a Lightning 2.6 restart bug; call at every training batch start.
-
-    Resumed from a checkpoint written after an epoch's last batch (before the epoch end:
-    ``--checkpoint_every_n_steps``), Lightning's fit loop stays "restarted mid-epoch" for the
-    *next* epoch too: it skips that epoch's ``on_train_epoch_start`` hooks and its epoch
-    counters (``ready``/``started``). Every checkpoint written during that epoch then looks
-    like "epoch finished", and resuming one replays the epoch from its first batch instead
-    of continuing (found by the SIGKILL test in ``tests/test_data_safety.py``). A batch
-    starting while the epoch is not marked started is exactly that case: mark it started
-    and run the skipped hooks, as an uninterrupted run does.
-    """
-    from lightning.pytorch.trainer import call
-
-    progress = trainer.fit_loop.epoch_progress
-    if progress.current.started != progress.current.processed:
-        return  # the normal case: a started, unfinished epoch
-    progress.increment_ready()
-    call._call_callback_hooks(trainer, "on_train_epoch_start")
-    call._call_lightning_module_hook(trainer, "on_train_epoch_start")
-    progress.increment_started()

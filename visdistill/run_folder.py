@@ -29,6 +29,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .errors import ConfigError
+from .lightning_private import logger_fixed_version, logger_version_settable, set_logger_version
 
 MODES = ("refuse", "overwrite", "new_version")
 LOCK_NAME = ".visdistill.lock"
@@ -157,20 +158,19 @@ def _continue_in_checkpoints_folder(trainer: Any, ckpt_path: str) -> None:
     continues in that version's folder, not in the folder above it. Auto-numbered versions
     keep Lightning's behaviour: the resumed run logs to a new version."""
     logger = trainer.loggers[0] if trainer.loggers else None
-    if logger is None or not isinstance(getattr(logger, "_version", None), str):
-        return
-    if _resumes_from(trainer, ckpt_path):
+    fixed = logger_fixed_version(logger) if logger is not None else None
+    if fixed is None or _resumes_from(trainer, ckpt_path):
         return
     folder = Path(ckpt_path).resolve().parent
     base = run_dir(trainer).resolve()
     if folder.name == "checkpoints" and base in folder.parents:
-        logger._version = os.path.join(logger._version, *folder.parent.relative_to(base).parts)
+        set_logger_version(logger, os.path.join(fixed, *folder.parent.relative_to(base).parts))
 
 
 def _next_version(trainer: Any) -> Path:
     """Point the logger at the next free ``version_N`` below its folder."""
     logger = trainer.loggers[0] if trainer.loggers else None
-    if logger is None or not hasattr(logger, "_version"):
+    if logger is None or not logger_version_settable(logger):
         raise ConfigError(
             "--run_folder new_version needs a TensorBoard or CSV logger (trainer.logger); "
             "set another trainer.default_root_dir instead"
@@ -179,9 +179,8 @@ def _next_version(trainer: Any) -> Path:
     n = 1
     while (base / f"version_{n}").exists():
         n += 1
-    # Lightning's loggers keep their version in ``_version``; there is no public setter.
     version = logger.version
-    logger._version = os.path.join(version, f"version_{n}") if version else f"version_{n}"
+    set_logger_version(logger, os.path.join(version, f"version_{n}") if version else f"version_{n}")
     return run_dir(trainer)
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
+from ..lightning_private import uses_distributed_sampler
 from .replay import ReplayCropFlip, epoch_sampler
 from .resumable import ResumableDataLoader
 
@@ -193,9 +194,7 @@ class VisionDataModule(L.LightningDataModule):
         dataset takes ``(epoch, position)`` keys (replayable augmentation)."""
         trainer = getattr(self, "trainer", None)
         world, rank = 1, 0
-        if trainer is not None and getattr(
-            trainer._accelerator_connector, "use_distributed_sampler", True
-        ):
+        if trainer is not None and uses_distributed_sampler(trainer):
             world, rank = trainer.world_size, trainer.global_rank
         # torch.initial_seed() is the run's seed (seed_everything): shuffles differ per run,
         # augmentation parameters do not.
