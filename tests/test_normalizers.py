@@ -211,3 +211,11 @@ def test_statistics_are_merged_across_ranks():
         for key, value in single.items():
             assert torch.equal(out[(kind, 0)][key], out[(kind, 1)][key]), key  # same on ranks
             assert torch.allclose(out[(kind, 0)][key].float(), value.float(), atol=1e-4), key
+
+
+def test_normalisation_ignores_autocast():
+    x = _features(d=16).float()
+    norm = PHIS(16).fit(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.float32 and torch.equal(y, norm(x))

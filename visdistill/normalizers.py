@@ -197,7 +197,10 @@ class FeatureNormalizer(nn.Module):
             )
         last, undo = _channels_last(x, self.dim, type(self).__name__)
         dtype = torch.promote_types(self.fitted_dtype, torch.float32)
-        out = fn(last.to(dtype))
+        # Targets at full precision: under bf16/fp16 autocast the rotation's matmul would
+        # otherwise round every normalised feature to ~3 significant digits.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = fn(last.to(dtype))
         return out.permute(*undo) if undo is not None else out
 
     @property
