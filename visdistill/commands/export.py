@@ -7,8 +7,8 @@ from ..export import export_student
 from .parsing import add_function, new_parser, parse
 
 DESCRIPTION = (
-    "Export the student of a `visdistill fit` checkpoint as a timm model folder "
-    "(model.safetensors + config.json), loadable with "
+    "Export the student of a `visdistill fit` checkpoint as a plain model folder; by default "
+    "timm's (model.safetensors + config.json), loadable with "
     "timm.create_model('local-dir:<out>', pretrained=True)."
 )
 
@@ -25,4 +25,5 @@ def main(args: list[str]) -> None:
     config = parse(build_parser(), args).as_dict()
     config.pop("config", None)
     out = export_student(out_dir=config.pop("out"), **config)
-    print(f"exported student to {out}/model.safetensors and {out}/config.json")
+    weights = "model.onnx" if config.get("format") == "onnx" else "model.safetensors"
+    print(f"exported student to {out}/{weights} and {out}/config.json")

@@ -103,8 +103,12 @@ def add_function(
     and docstring); the parameters named in ``positional`` become positional arguments, in
     that order. New keyword parameters of ``function`` appear as options by themselves."""
     skip = set(skip or ())
+    try:
+        hints = typing.get_type_hints(function)
+    except (NameError, TypeError):  # an annotation only importable under TYPE_CHECKING
+        hints = {}
     for name in positional:
-        annotation = typing.get_type_hints(function).get(name, str)
+        annotation = hints.get(name, str)
         parser.add_argument(name, type=annotation, help=_param_help(function, name))
     added = parser.add_function_arguments(
         function, nested_key=None, as_group=False, skip=skip | set(positional)
