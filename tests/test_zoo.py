@@ -117,6 +117,8 @@ def test_bad_download_is_deleted(tmp_path, local_zoo):
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         zoo.weights_path("bad", progress=False)
     assert not (tmp_path / "cache" / "zoo" / "bad" / "bad.pth").exists()
+    # Not placed at all: no partial file either (torch's downloader checks before the move).
+    assert list((tmp_path / "cache" / "zoo" / "bad").iterdir()) == []
 
 
 def test_meal_v2_entry_strips_dataparallel_prefix_and_needs_allow_unverified(tmp_path, local_zoo):
