@@ -19,8 +19,6 @@ from ..progress import make_progress_bar
 from ..summary import DistillationModelSummary, RunSummary
 from .parsing import ConfigFile
 
-COMMANDS = ("fit", "validate", "test", "predict")
-
 
 class VisdistillCLI(LightningCLI):
     """LightningCLI with visdistill's defaults: best/last checkpoints, optional test after fit."""

@@ -47,7 +47,8 @@ def compare_models(
         model_b: as model_a, for the second model (the columns).
         checkpoint_a: weights file of model A.
         checkpoint_b: weights file of model B.
-        model_kwargs_a: timm keyword arguments of model A (a mapping, JSON or YAML).
+        model_kwargs_a: timm keyword arguments of model A (on the command line: a JSON or
+            YAML mapping, e.g. '{"img_size": 32}').
         model_kwargs_b: timm keyword arguments of model B.
         layers_a: stage indices of model A, e.g. 0,2,4 (default: all).
         layers_b: stage indices of model B.
@@ -137,19 +138,12 @@ def _backbone_kwargs(
     side: str,
     model: str | None,
     checkpoint: str | None,
-    model_kwargs: dict[str, Any] | str | None,
+    model_kwargs: dict[str, Any] | None,
     num_classes: int | None,
 ) -> dict[str, Any]:
     """``Backbone`` arguments for one side: explicit arguments win; the exported
     ``config.json`` beside the checkpoint fills in the architecture, ``num_classes``, timm
     kwargs and input normalisation."""
-    if isinstance(model_kwargs, str):  # JSON text, as the command line used to take it
-        import json
-
-        try:
-            model_kwargs = json.loads(model_kwargs)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model_kwargs_{side} is not valid JSON: {e}") from e
     explicit_kwargs = dict(model_kwargs or {})
     config = None
     if checkpoint:

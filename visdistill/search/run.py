@@ -10,6 +10,7 @@ options)::
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -284,7 +285,8 @@ def run_search(
         teacher_checkpoint: weights for a timm-name teacher.
         teacher_init: random (as DisWOT's search scripts: the teacher is re-initialised like
             the students) or trained (score against the teacher's trained weights, eval mode).
-        space_args: keyword arguments of the family's space (a mapping, JSON or YAML).
+        space_args: keyword arguments of the family's space (on the command line: a JSON or
+            YAML mapping, e.g. '{"depths": [1, 2]}').
         max_params: most parameters of a candidate, e.g. 2M, 500k.
         max_flops: most FLOPs per image at image_size, e.g. 50M.
         max_latency_ms: most milliseconds of a batch-1 CPU forward.
@@ -309,8 +311,6 @@ def run_search(
         progress: show a progress bar while scoring.
         command_line: the command recorded in the written config's header.
     """
-    import json
-
     # Cheap checks first.
     uses = tuple(u.strip() for u in use.split(",") if u.strip())
     if not uses or any(u not in COMPONENTS for u in uses):
@@ -319,11 +319,6 @@ def run_search(
         raise ConfigError(f"--budget must be at least 1, got {budget}")
     if batch_size < 2:
         raise ConfigError(f"--batch_size must be at least 2 (a batch relation), got {batch_size}")
-    if isinstance(space_args, str):  # JSON text, as the command line used to take it
-        try:
-            space_args = json.loads(space_args)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--space_args is not valid JSON: {e}") from e
     constraints = Constraints(
         max_params=parse_count(max_params),
         max_flops=parse_count(max_flops),
