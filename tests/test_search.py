@@ -327,8 +327,8 @@ def test_printed_table_shows_labels_with_brackets_verbatim():
 
     from rich.console import Console
 
-    from visdistill.search.run import print_table
     from visdistill.search.evolution import SearchResult
+    from visdistill.search.run import print_table
 
     candidates = [
         Candidate.of("resnet10t", channels=(32, 64), depths=(1, 1)),
