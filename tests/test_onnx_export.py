@@ -119,6 +119,15 @@ def test_onnx_refusals_come_before_any_file_is_written(fitted, tmp_path):
     assert sorted(p.name for p in both.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_export_command_takes_format_onnx(fitted, tmp_path):
+    from visdistill.cli import main
+
+    checkpoint, _ = fitted("cnn")
+    main(["export", str(checkpoint), "--out", str(tmp_path / "o"), "--format", "onnx"])
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert (tmp_path / "o" / "model.onnx").is_file() and config["onnx"]["check"]["atol"] == 1e-4
+
+
 class _DataDependentBranch(nn.Module):
     """``torch.export`` cannot trace a branch on a tensor's value; TorchScript tracing
     records the branch taken, which here computes the same as the other one."""
