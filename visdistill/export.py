@@ -153,8 +153,8 @@ def export_student(
         for k, v in ckpt["state_dict"].items()
         if k.startswith(prefix)
     }
-    # Build the architecture (no weights) to validate the keys and read its metadata; for
-    # ONNX with timm's export-friendly layer variants (same weights, traceable ops).
+    # Rebuild the architecture to validate the keys, read its metadata and run it; for ONNX
+    # with timm's export-friendly layer variants (same weights, traceable ops).
     from timm.layers import set_layer_config
 
     with set_layer_config(exportable=format == "onnx"):
@@ -177,7 +177,8 @@ def export_student(
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         output = "features" if student.headless else "logits"
-        example = torch.randn(2, student.input_spec.in_chans, *size)
+        generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+        example = torch.randn(2, student.input_spec.in_chans, *size, generator=generator)
         check = write_onnx(model, out / WEIGHTS_FILE["onnx"], example, output, onnx_atol)
         with torch.no_grad():
             output_shape = model(example).shape[1:]
