@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..export import export_student
+from ..export import WEIGHTS_FILE, export_student
 from .parsing import add_function, new_parser, parse
 
 DESCRIPTION = (
@@ -25,5 +25,5 @@ def main(args: list[str]) -> None:
     config = parse(build_parser(), args).as_dict()
     config.pop("config", None)
     out = export_student(out_dir=config.pop("out"), **config)
-    weights = "model.onnx" if config.get("format") == "onnx" else "model.safetensors"
+    weights = WEIGHTS_FILE[config.get("format") or "timm"]
     print(f"exported student to {out}/{weights} and {out}/config.json")
