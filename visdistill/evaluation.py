@@ -6,11 +6,10 @@ which itself builds ``zoo:`` models: the zoo module stays free of the models mod
 
 from __future__ import annotations
 
-import torch
-
 from . import zoo
 from .data.by_name import NAMED_DATASETS, datamodule_by_name, dataset_name
 from .errors import DataNotFoundError
+from .loader_pass import run_over_loader
 from .models import Backbone
 
 
@@ -22,8 +21,6 @@ def evaluate_zoo_model(
     Only data sets available offline are supported (``fashion_mnist``, ``digits``); ``limit``
     evaluates the first ``limit`` test images only.
     """
-    from tqdm.auto import tqdm
-
     entry = zoo.get_entry(name)
     if entry.dataset is None or dataset_name(entry.dataset) not in NAMED_DATASETS:
         raise DataNotFoundError(
@@ -36,11 +33,12 @@ def evaluate_zoo_model(
         entry.dataset, batch_size=batch_size, image_size=side, test_subset=limit
     )
     dm.setup("test")
-    model = Backbone(zoo.PREFIX + entry.name).eval()
+    model = Backbone(zoo.PREFIX + entry.name)
     correct = total = 0
-    with torch.no_grad():
-        for batch in tqdm(dm.test_dataloader(), desc=entry.name, disable=not progress):
-            pred = model(batch["image"]).logits.argmax(-1)
-            correct += int((pred == batch["target"]).sum())
-            total += len(pred)
+    for batch, out in run_over_loader(
+        model, dm.test_dataloader(), desc=entry.name, progress=progress
+    ):
+        pred = out.logits.argmax(-1)
+        correct += int((pred == batch["target"]).sum())
+        total += len(pred)
     return 100.0 * correct / total

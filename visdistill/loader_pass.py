@@ -35,6 +35,34 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     )
 
 
+def training_loader(trainer: Any, owner: str) -> DataLoader:
+    """The loader ``trainer.fit`` trains on, for a pass over the data in ``on_fit_start``
+    (ND's class means, AdaptorHeads' normaliser statistics); ``owner`` names who needs it
+    in the error when there is none."""
+    from .errors import ConfigError
+    from .lightning_private import fit_train_dataloader
+
+    loader = fit_train_dataloader(trainer)
+    if not isinstance(loader, DataLoader):
+        raise ConfigError(
+            f"{owner} needs the training DataLoader at fit start; use a LightningDataModule "
+            "or pass one DataLoader to trainer.fit"
+        )
+    return loader
+
+
+def batch_limit(limit: int | float | None, n_batches: int) -> int | None:
+    """Batches of a pass at fit start under the trainer's ``limit_train_batches`` (which
+    ``fast_dev_run=N`` sets to ``N``): ``None`` for all of them."""
+    if limit is None or isinstance(limit, bool):
+        return None
+    if isinstance(limit, int):
+        return limit if limit < n_batches else None
+    if limit < 1.0:
+        return max(1, int(n_batches * limit))
+    return None
+
+
 def _to(batch: Batch, device: Any) -> Batch:
     if device is None:
         return batch

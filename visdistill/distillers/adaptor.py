@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import ConfigError
+from ..loader_pass import batch_limit, run_over_loader, training_loader
 from ..losses.adaptor import adaptive_balance, adaptor_match_loss, ema_update, fixed_balance
 from ..losses.multi_teacher import teacher_drop_coefficients
 from ..models import Backbone, ModelOutput
 from ..normalizers import NORMALIZERS, make_normalizer
 from ..teachers import one_stage_per_teacher
 from .base import DistillTerm, TermOutput
-from .nd import _batch_limit, _train_loader
 
 BALANCES = ("fixed", "drop", "adaptive")
 
@@ -236,7 +236,11 @@ class AdaptorHeads(DistillTerm):
 
     @torch.no_grad()
     def fit_normalizers(
-        self, teachers: Sequence[Backbone], batches: Iterable[dict[str, Tensor]], device: Any = None
+        self,
+        teachers: Sequence[Backbone],
+        batches: Iterable[dict[str, Tensor]],
+        device: Any = None,
+        progress: bool = False,
     ) -> None:
         """Estimate the normalisers from ``batches`` (dicts with ``"image"`` ``(B, 3, H, W)``
         in ``[0, 1]``) run through ``teachers`` (this term's, in its order; frozen teachers
@@ -247,31 +251,36 @@ class AdaptorHeads(DistillTerm):
                 f"AdaptorHeads reads {len(self.summary_norms)} teachers, got {len(teachers)}"
             )
         self.reset_normalizers()
-        modes = [t.training for t in teachers]
-        for t in teachers:
-            t.eval()  # BatchNorm statistics must not move (Teachers are always in eval)
-        try:
-            for batch in batches:
-                images = batch["image"].to(device)
-                outs = [
-                    teacher(images, stages=(s,), pooled=True)
-                    for teacher, s in zip(teachers, self.per_teacher_stage, strict=True)
-                ]
-                self.accumulate_normalizers(outs)
-        finally:
-            for t, mode in zip(teachers, modes, strict=True):
-                t.train(mode)
+        stages = self.per_teacher_stage
+
+        def forward(models: nn.ModuleList, batch: dict[str, Tensor]) -> list[ModelOutput]:
+            return [
+                t(batch["image"], stages=(s,), pooled=True)
+                for t, s in zip(models, stages, strict=True)
+            ]
+
+        passes = run_over_loader(
+            nn.ModuleList(teachers),
+            batches,
+            forward,
+            device=device,
+            desc="AdaptorHeads normaliser statistics",
+            progress=progress,
+            leave=False,
+        )
+        for _, outs in passes:
+            self.accumulate_normalizers(outs)
         self.finalize_normalizers()
 
     def on_fit_start(self, module: Any) -> None:
         if self.normalizers_fitted:
             return  # nothing to estimate, or restored from a checkpoint
         trainer = module.trainer
-        loader = _train_loader(trainer)
+        loader = training_loader(trainer, "AdaptorHeads' normaliser statistics")
         dataset = loader.dataset
         batch_size = loader.batch_size or 64
         n = min(self.fit_samples, len(dataset))
-        limit = _batch_limit(trainer.limit_train_batches, len(loader))
+        limit = batch_limit(trainer.limit_train_batches, len(loader))
         if limit is not None:  # fast_dev_run / limit_train_batches shorten this pass too
             n = min(n, max(2, limit * batch_size))
         # Random images, not the first ones: an image folder is sorted by class.
@@ -283,12 +292,9 @@ class AdaptorHeads(DistillTerm):
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
         )
-        batches: Iterable[dict[str, Tensor]] = sub
-        if trainer.is_global_zero:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(sub, desc="AdaptorHeads normaliser statistics", leave=False)
-        self.fit_normalizers(self.own(list(module.teachers)), batches, module.device)
+        self.fit_normalizers(
+            self.own(list(module.teachers)), sub, module.device, progress=trainer.is_global_zero
+        )
         if n < self.fit_samples and limit is None and trainer.is_global_zero:
             warnings.warn(
                 f"AdaptorHeads estimated its {self.normalize} statistics from all {n} training "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import os
 import warnings
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..checkpoints import atomic_write
 from ..errors import CheckpointError, ConfigError
+from ..loader_pass import batch_limit, run_over_loader, training_loader
 from ..losses.multi_teacher import teacher_weighted_mean
 from ..losses.nd import nd_loss
 from ..models import Backbone, ModelOutput
@@ -126,9 +126,13 @@ class ND(DistillTerm):
         batches: Iterable[dict[str, Tensor]],
         device: Any = None,
         allow_missing: bool = False,
+        *,
+        progress: bool = False,
+        max_batches: int | None = None,
     ) -> list[Tensor]:
-        """Stream ``batches`` through ``teachers`` (a :class:`TeacherEnsemble`) and return
-        per-teacher class means ``(K, D_t)``, summed in float64 and all-reduced across ranks.
+        """Stream ``batches`` through ``teachers`` (a :class:`TeacherEnsemble`; eval mode,
+        no_grad) and return per-teacher class means ``(K, D_t)``, summed in float64 and
+        all-reduced across ranks; ``progress`` shows a bar, ``max_batches`` stops early.
 
         A class without samples is an error, unless ``allow_missing`` (a shortened debugging
         pass): its mean is then 0 (a constant ND loss of 1 for its samples), with a warning.
@@ -139,9 +143,18 @@ class ND(DistillTerm):
             for m in self.class_means()
         ]
         counts = torch.zeros(k, dtype=torch.float64, device=device)
-        for batch in batches:
-            images, target = batch["image"].to(device), batch["target"].to(device)
-            outs = teachers(images, pooled=True)
+        passes = run_over_loader(
+            teachers,
+            batches,
+            lambda t, b: t(b["image"], pooled=True),
+            device=device,
+            desc="ND class means",
+            progress=progress,
+            max_batches=max_batches,
+            leave=False,
+        )
+        for batch, outs in passes:
+            target = batch["target"]
             if self.teacher_indices:  # the module's ensemble: this term's teachers only
                 outs = self.own(outs)
             for s, out in zip(sums, outs, strict=True):
@@ -173,31 +186,29 @@ class ND(DistillTerm):
             self.set_class_means(_load_means(Path(self.class_means_file), self.num_teachers))
             return
         trainer = module.trainer
-        loader = _train_loader(trainer)
+        loader = training_loader(trainer, "ND's class means")
         cache = self._cache_path(module, loader)
         if cache is not None and cache.is_file():
             self.set_class_means(_load_means(cache, self.num_teachers))
             return
         loader = _rank_shard(loader, trainer.global_rank, trainer.world_size, self.augmented)
         # fast_dev_run / limit_train_batches shorten the means pass too (not cached then).
-        limit = _batch_limit(trainer.limit_train_batches, len(loader))
-        batches: Iterable[dict[str, Tensor]] = loader
-        if limit is not None:
-            batches = itertools.islice(loader, limit)
-            if trainer.is_global_zero:
-                warnings.warn(
-                    f"ND class means from {limit} of {len(loader)} batches per process "
-                    f"(fast_dev_run / limit_train_batches: {trainer.limit_train_batches}); "
-                    "they are not cached",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        if trainer.is_global_zero:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="ND class means", leave=False, total=limit)
+        limit = batch_limit(trainer.limit_train_batches, len(loader))
+        if limit is not None and trainer.is_global_zero:
+            warnings.warn(
+                f"ND class means from {limit} of {len(loader)} batches per process "
+                f"(fast_dev_run / limit_train_batches: {trainer.limit_train_batches}); "
+                "they are not cached",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         means = self.compute_class_means(
-            module.teachers, batches, module.device, allow_missing=limit is not None
+            module.teachers,
+            loader,
+            module.device,
+            allow_missing=limit is not None,
+            progress=trainer.is_global_zero,
+            max_batches=limit,
         )
         self.set_class_means(means)
         if cache is not None and limit is None and trainer.is_global_zero:
@@ -248,32 +259,6 @@ def class_means_key(
     }
     h.update(json.dumps(data_id, sort_keys=True).encode())
     return h.hexdigest()[:32]
-
-
-def _train_loader(trainer: Any) -> DataLoader:
-    dm = getattr(trainer, "datamodule", None)
-    if dm is not None:
-        return dm.train_dataloader()
-    source = trainer.fit_loop._data_source  # dataloaders passed straight to fit()
-    loader = source.dataloader() if source.is_defined() else None
-    if not isinstance(loader, DataLoader):
-        raise ConfigError(
-            "ND needs the training DataLoader to compute class means; use a LightningDataModule "
-            "or pass class_means_file"
-        )
-    return loader
-
-
-def _batch_limit(limit: int | float | None, n_batches: int) -> int | None:
-    """Batches of the means pass under the trainer's ``limit_train_batches`` (which
-    ``fast_dev_run=N`` sets to ``N``): ``None`` for all of them."""
-    if limit is None or isinstance(limit, bool):
-        return None
-    if isinstance(limit, int):
-        return limit if limit < n_batches else None
-    if limit < 1.0:
-        return max(1, int(n_batches * limit))
-    return None
 
 
 def _rank_shard(loader: DataLoader, rank: int, world: int, augmented: bool) -> DataLoader:
