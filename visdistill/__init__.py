@@ -1,6 +1,7 @@
 """visdistill: multi-teacher and cross-architecture knowledge distillation for timm models."""
 
 from . import search, zoo
+from .agglomerative_student import AgglomerativeStudent
 from .callbacks import PredictionWriter
 from .checkpoints import load_state_dict_file, load_weights_into
 from .data import (
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptorHeads",
+    "AgglomerativeStudent",
     "DKD",
     "DisWOT",
     "KD",

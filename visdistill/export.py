@@ -11,6 +11,12 @@ by ``timm.models.save_config_for_hf``). The folder loads without visdistill::
 ``format="onnx"`` writes ``model.onnx`` (dynamic batch axis) + the same ``config.json`` with
 an ``onnx`` section, and keeps the file only if onnxruntime reproduces PyTorch's outputs on a
 random batch. ``push_to_hub`` uploads the timm folder with ``timm.models.push_to_hf_hub``.
+
+``with_adaptors=True`` (a checkpoint trained with :class:`~visdistill.AdaptorHeads`) also
+writes the adaptor heads and each teacher's normaliser statistics next to the timm folder
+(``adaptors.safetensors`` + ``adaptors.json``);
+:meth:`visdistill.AgglomerativeStudent.from_export` loads the three files as one module that
+emits each teacher's features.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ def export_student(
     format: Literal["timm", "onnx"] = "timm",
     push_to_hub: str | None = None,
     onnx_atol: float = 1e-4,
+    with_adaptors: bool = False,
 ) -> Path:
     """Write the student of a fit checkpoint as a timm folder or an ONNX graph.
 
@@ -131,6 +138,10 @@ def export_student(
             the network and a token with write access: ``hf auth login`` or ``HF_TOKEN``).
         onnx_atol: largest ``|onnxruntime - PyTorch|`` output difference an ONNX export may
             have.
+        with_adaptors: also write the checkpoint's AdaptorHeads (per teacher, the summary
+            and spatial heads and the normalisers' statistics) as ``adaptors.safetensors`` +
+            ``adaptors.json`` next to the timm folder, for
+            ``visdistill.AgglomerativeStudent.from_export(out_dir)`` (timm format only).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -141,10 +152,12 @@ def export_student(
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "onnx":
         _check_onnx_request(dtype, push_to_hub, onnx_atol)
+    if with_adaptors:
+        _check_adaptors_request(format, push_to_hub)
     if push_to_hub is not None:
         check_hub_target(push_to_hub)
     out = Path(out_dir)
-    check_export_destination(out, overwrite, format)
+    check_export_destination(out, overwrite, format, with_adaptors)
     ckpt = read_lightning_checkpoint(checkpoint)
     config = ModelConfig(**ckpt["hyper_parameters"]["student"])
     prefix = "student.model."
@@ -174,6 +187,13 @@ def export_student(
     model = student.model.to(_DTYPES[dtype]).eval()
     model.load_state_dict(state)
     model_config, data_config = _hf_config(student, size)
+    adaptors = None
+    if with_adaptors:  # refusals come before anything is written
+        from .agglomerative_student import adaptors_from_checkpoint
+
+        adaptors = adaptors_from_checkpoint(
+            checkpoint, ckpt, student, size, _DTYPES[dtype], input_size
+        )
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         output = "features" if student.headless else "logits"
@@ -186,16 +206,27 @@ def export_student(
     else:
         save_safetensors_atomic(state, out / WEIGHTS_FILE["timm"], metadata={"format": "pt"})
     _write_config(model, out / "config.json", model_config, data_config)
+    if adaptors is not None:
+        adaptors.write(out, WEIGHTS_FILE["timm"])
     if push_to_hub is not None:
         _push(model, push_to_hub, model_config, data_config, out)
     return out
 
 
-def check_export_destination(out: Path, overwrite: bool, format: str = "timm") -> None:
+def check_export_destination(
+    out: Path, overwrite: bool, format: str = "timm", with_adaptors: bool = False
+) -> None:
     """Refuse a file, or a non-empty folder without ``overwrite`` (an earlier export, the
     zoo's shipped weights, ...). With ``overwrite``, refuse a folder holding the other
-    format's weights file: the new ``config.json`` would not describe it."""
-    written = f"{WEIGHTS_FILE[format]} and config.json"
+    format's weights file (the new ``config.json`` would not describe it), and, without
+    ``with_adaptors``, one holding adaptor heads (they would not match the new student)."""
+    from .agglomerative_student import ADAPTORS_CONFIG, ADAPTORS_WEIGHTS
+
+    written = (
+        f"{WEIGHTS_FILE[format]}, config.json, {ADAPTORS_WEIGHTS} and {ADAPTORS_CONFIG}"
+        if with_adaptors
+        else f"{WEIGHTS_FILE[format]} and config.json"
+    )
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a folder; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
@@ -213,6 +244,14 @@ def check_export_destination(out: Path, overwrite: bool, format: str = "timm") -
             f"--out {out} holds {other[0]} from an earlier export; --overwrite would replace "
             f"only its {written}, leaving a config.json that may not describe {other[0]}. "
             "Export each format to its own folder"
+        )
+    stale = [n for n in (ADAPTORS_CONFIG, ADAPTORS_WEIGHTS) if (out / n).exists()]
+    if stale and not with_adaptors:
+        raise CheckpointError(
+            f"--out {out} holds {stale[0]} from an earlier export with adaptor heads; "
+            f"--overwrite without --with_adaptors would replace only its {written}, leaving "
+            "heads trained with another student. Pass --with_adaptors too, or choose a new "
+            "folder"
         )
 
 
@@ -295,6 +334,23 @@ def _check_onnx_request(dtype: str, push_to_hub: str | None, atol: float) -> Non
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
     if missing:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'visdistill[onnx]'")
+
+
+def _check_adaptors_request(format: str, push_to_hub: str | None) -> None:
+    if format != "timm":
+        raise ConfigError(
+            "--with_adaptors writes the adaptor heads next to a timm folder (--format timm); "
+            "ONNX export of the heads is not supported (the ONNX export writes and checks a "
+            "graph with one output, and the heads add a summary and a spatial output per "
+            "teacher). Export the timm folder with --with_adaptors, and the plain student "
+            "with --format onnx to another folder"
+        )
+    if push_to_hub is not None:
+        raise ConfigError(
+            "--push_to_hub uploads timm's two files (model.safetensors + config.json), not the "
+            "adaptor heads; export without --push_to_hub, then upload the whole folder with "
+            "`hf upload REPO OUT_DIR`"
+        )
 
 
 def _importable(module: str) -> bool:
