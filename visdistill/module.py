@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from . import resume
 from .checkpoints import use_atomic_checkpoint_io
 from .data.base import data_has_labels
+from .data.mixing import hard_labels
 from .distillers.base import DistillTerm, TermOutput, as_term_output, term_from_config
 from .errors import ConfigError
 from .fast_path import apply_fast_path
@@ -102,7 +103,8 @@ class DistillationModule(L.LightningModule):
         teacher_cache: directory built by ``visdistill cache`` (:mod:`visdistill.teacher_cache`):
             training steps read the teachers' soft targets (and pooled features) from it
             instead of running the teachers; checked against the teachers, data and
-            augmentation when fit starts. Terms that read teacher stages cannot use it.
+            augmentation when fit starts. Terms that read teacher stages or pooled features
+            need a cache that holds them.
         teacher_precision: ``"auto"`` (bf16 autocast for the teachers on CUDA, fp32
             elsewhere), ``"bf16"`` (bf16 autocast on any device) or ``"32"``.
         channels_last: on CUDA, put student and teachers in ``channels_last`` memory
@@ -178,7 +180,13 @@ class DistillationModule(L.LightningModule):
         self.train_teachers = self.live_teachers
         self.teacher_cache_dir = teacher_cache
         if teacher_cache is not None:
-            CachedTeachers.check_usable(self.teachers, list(self.terms))
+            CachedTeachers.check_usable(
+                self.teachers,
+                list(self.terms),
+                teacher_cache,
+                self.teacher_stages,
+                self.needs_pooled,
+            )
         check_weight_providers(self.terms)
         self.student.check_stages(self.student_stages)
         for teacher, stages in zip(self.teachers or [], self.teacher_stages, strict=True):
@@ -270,6 +278,9 @@ class DistillationModule(L.LightningModule):
     ) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
         """Total loss, its named components and the student's output for one batch."""
         images, target = batch["image"], batch["target"]
+        # Mixup/CutMix batches carry soft targets (B, K): the CE takes them as they are; terms
+        # that read labels get each mixed image's dominant class (docs/data.md).
+        labels = hard_labels(target)
         student_out = self.student(
             images,
             stages=self.student_stages,
@@ -293,14 +304,14 @@ class DistillationModule(L.LightningModule):
             for i, term in enumerate(self.terms):
                 if term.provides_teacher_weights:
                     outputs[i] = as_term_output(
-                        term, term(student_out, term.own(teacher_outs), target)
+                        term, term(student_out, term.own(teacher_outs), labels)
                     )
                     weights, weighted = outputs[i].teacher_weights, term.teacher_indices
             for i, term in enumerate(self.terms):
                 if i not in outputs:
                     term_weights = weights if term.teacher_indices == weighted else None
                     result = term(
-                        student_out, term.own(teacher_outs), target, teacher_weights=term_weights
+                        student_out, term.own(teacher_outs), labels, teacher_weights=term_weights
                     )
                     outputs[i] = as_term_output(term, result)
             # Summed in declaration order, as before providers ran first.
@@ -328,7 +339,7 @@ class DistillationModule(L.LightningModule):
             return None  # no update; buffers and RNG are as before the step
         if self.logs_accuracy:
             # update(), not __call__: the epoch value is all we log, no per-batch compute.
-            self.train_acc.update(out.logits.detach(), batch["target"])
+            self.train_acc.update(out.logits.detach(), hard_labels(batch["target"]))
         n = len(batch["target"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         if self._components_logged_this_step():
@@ -491,6 +502,8 @@ class DistillationModule(L.LightningModule):
                 self.trainer.datamodule,
                 self.trainer.max_epochs,
                 self.needs_pooled,
+                self.teacher_stages,
+                self.trainer.world_size,
             )
         for term in self.terms:
             term.on_fit_start(self)

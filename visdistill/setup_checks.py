@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .data.base import data_has_labels
+from .data.mixing import check_mixing
 from .errors import ConfigError
 
 
@@ -47,6 +48,7 @@ def check_data(module: Any, datamodule: Any) -> None:
     nothing may read them (cross-entropy, ``needs_labels`` terms); on labelled data the
     classifiers' class count must be the data's."""
     student, teachers, terms = module.student, module.teachers, module.terms
+    check_mixing(module, datamodule)
     if not data_has_labels(datamodule):
         data = type(datamodule).__name__
         if module.ce_weight and not student.headless:

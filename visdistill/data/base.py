@@ -4,7 +4,9 @@ Batches are dicts ``{"image": (B, 3, H, W) float in [0, 1], "target": (B,) int64
 "index": (B,) int64}``. Images are *canonical*: 3 channels, un-normalised; every
 model normalises for itself. ``index`` is the sample's position in the full source
 split, so it stays the same whatever subset or validation carve-out is used (caches
-key on it).
+key on it). Training batches of replayable data also carry ``epoch`` ``(B,)`` (the
+augmentation's epoch); with mixup/CutMix they carry a soft ``target`` ``(B, K)`` float
+and ``mix_lam`` ``(B,)`` (see :mod:`visdistill.data.mixing`).
 
 The validation split is carved from the training set with a seeded permutation:
 model selection never looks at the test set.
@@ -26,6 +28,7 @@ from torchvision.transforms import v2
 
 from ..errors import ConfigError
 from ..lightning_private import uses_distributed_sampler
+from .mixing import BatchMixer, MixupCollate, check_mixing_options, mixing_enabled
 from .replay import ReplayCropFlip, epoch_sampler
 from .resumable import ResumableDataLoader
 
@@ -111,7 +114,10 @@ class ArrayImageDataset(Dataset):
         img = img.float().div_(255)
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
-        return {"image": img, "target": self.targets[j], "index": torch.tensor(j)}
+        sample = {"image": img, "target": self.targets[j], "index": torch.tensor(j)}
+        if isinstance(key, tuple):
+            sample["epoch"] = torch.tensor(epoch)
+        return sample
 
 
 class VisionDataModule(L.LightningDataModule):
@@ -132,6 +138,15 @@ class VisionDataModule(L.LightningDataModule):
             follows the training run's seed).
         labels: ``False`` ignores the data's labels: every sample's ``target`` is ``-1``
             in every split (label-free distillation; no accuracy is measured).
+        mixup_alpha, cutmix_alpha, cutmix_minmax, mixup_prob, mixup_switch_prob,
+            mixup_mode, label_smoothing: :class:`timm.data.Mixup`'s options (timm's
+            ``--mixup``, ``--cutmix``, ``--cutmix-minmax``, ``--mixup-prob``,
+            ``--mixup-switch-prob``, ``--mixup-mode``, ``--smoothing``), applied to whole
+            training batches, replayably (:class:`~visdistill.data.mixing.BatchMixer`).
+            Mixing is on when ``mixup_alpha`` or ``cutmix_alpha`` is above 0 or
+            ``cutmix_minmax`` is set; then ``batch_size`` must be even, the last short
+            batch of an epoch is dropped and training targets are soft ``(B, K)`` (with
+            ``label_smoothing``). Validation and test are never mixed.
     """
 
     num_classes: int = 0
@@ -147,6 +162,13 @@ class VisionDataModule(L.LightningDataModule):
         test_subset: int | None = None,
         seed: int = 0,
         labels: bool = True,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -160,6 +182,35 @@ class VisionDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        check_mixing_options(
+            mixup_alpha,
+            cutmix_alpha,
+            cutmix_minmax,
+            mixup_prob,
+            mixup_switch_prob,
+            mixup_mode,
+            label_smoothing,
+        )
+        self.mixing: dict = {
+            "mixup_alpha": mixup_alpha,
+            "cutmix_alpha": cutmix_alpha,
+            "cutmix_minmax": tuple(cutmix_minmax) if cutmix_minmax is not None else None,
+            "mixup_prob": mixup_prob,
+            "mixup_switch_prob": mixup_switch_prob,
+            "mixup_mode": mixup_mode,
+            "label_smoothing": label_smoothing,
+        }
+        if self.mixes and batch_size % 2:
+            raise ConfigError(
+                f"mixup/CutMix mix sample i of a batch with sample B-1-i, so batch_size must "
+                f"be even, got {batch_size}"
+            )
+        if label_smoothing and not self.mixes:
+            raise ConfigError(
+                f"label_smoothing {label_smoothing} on the data smooths the mixed targets of "
+                "mixup/CutMix, which are off (mixup_alpha, cutmix_alpha 0); without mixing "
+                "set model.label_smoothing instead"
+            )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size, self.augment = image_size, augment
         self.val_split, self.train_subset, self.test_subset = val_split, train_subset, test_subset
@@ -172,6 +223,52 @@ class VisionDataModule(L.LightningDataModule):
     def has_labels(self) -> bool:
         """Whether samples carry class labels (else every ``target`` is ``-1``)."""
         return self.labels and self.num_classes > 0
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or CutMix on)."""
+        m = self.mixing
+        return mixing_enabled(m["mixup_alpha"], m["cutmix_alpha"], m["cutmix_minmax"])
+
+    def mixer(self) -> BatchMixer | None:
+        """The training batches' :class:`~visdistill.data.mixing.BatchMixer` (``None``
+        when mixing is off)."""
+        return BatchMixer(self.num_classes, self.seed, **self.mixing) if self.mixes else None
+
+    def _world(self) -> tuple[int, int]:
+        """``(world_size, rank)`` the training loader shards over."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and uses_distributed_sampler(trainer):
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def sample_augmentation(self) -> dict | None:
+        """Description of the per-sample train augmentation (``None`` when there is none);
+        subclasses with replayable augmentation override it."""
+        if self.augment:
+            raise ConfigError(
+                f"{type(self).__name__}'s training augmentation cannot be replayed; set "
+                "augment: false, or use a data module with replayable augmentation"
+            )
+        return None
+
+    def augmentation(self) -> dict | None:
+        """Description of the train augmentation (``None`` when there is none), for cache
+        manifests: what a cache of the teachers' outputs per ``(epoch, index)`` must agree
+        on. With mixing it also holds the mixing options and what fixes the batches an
+        image is mixed in: batch size, ``drop_last``, world size and shuffle seed."""
+        sample = self.sample_augmentation()
+        mixer = self.mixer()
+        if mixer is None:
+            return sample
+        return {
+            **(sample or {"kind": "none"}),
+            "mixing": mixer.describe(),
+            "batch_size": self.batch_size,
+            "drop_last": True,
+            "world_size": self._world()[0],
+            "shuffle_seed": torch.initial_seed() % 2**31,
+        }
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -191,22 +288,31 @@ class VisionDataModule(L.LightningDataModule):
         """Shuffled by an :class:`EpochSampler` (sharded over DDP ranks, so the ranks' batches
         of ``batch_size`` make up the single-process batch of ``world_size * batch_size``)
         in a :class:`ResumableDataLoader` (exact mid-epoch resume). ``epoch_keys``: the
-        dataset takes ``(epoch, position)`` keys (replayable augmentation)."""
-        trainer = getattr(self, "trainer", None)
-        world, rank = 1, 0
-        if trainer is not None and uses_distributed_sampler(trainer):
-            world, rank = trainer.world_size, trainer.global_rank
+        dataset takes ``(epoch, position)`` keys (replayable augmentation).
+
+        With mixup/CutMix the batches are mixed in the collate function (worker side) and
+        the last short batch is dropped (timm mixes pairs)."""
+        world, rank = self._world()
         # torch.initial_seed() is the run's seed (seed_everything): shuffles differ per run,
         # augmentation parameters do not.
         sampler = epoch_sampler(
             len(self.train_set), torch.initial_seed() % 2**31, world, rank, epoch_keys
         )
+        mixer = self.mixer()
+        if mixer is not None and len(sampler) < self.batch_size:
+            raise ConfigError(
+                f"mixup/CutMix drop the last short batch, and the {len(sampler)} training "
+                f"samples per process are fewer than batch_size {self.batch_size}: no batch "
+                "is left; lower batch_size or use more training samples"
+            )
         return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=MixupCollate(mixer) if mixer is not None else None,
+            drop_last=mixer is not None,
             # Loader-owned generator: iter() draws worker seeds from it, not from the global
             # RNG, so the global stream (dropout, teacher dropping) depends only on steps.
             generator=torch.Generator().manual_seed(torch.initial_seed() % 2**31),
@@ -258,8 +364,8 @@ class ArrayDataModule(VisionDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._train_loader(epoch_keys=True)
 
-    def augmentation(self) -> dict | None:
-        """Description of the train augmentation (``None`` when off), for cache manifests."""
+    def sample_augmentation(self) -> dict | None:
+        """Description of the crop and flip (``None`` when off), for cache manifests."""
         t = self.train_set.transform if self.train_set is not None else None
         return t.describe() if isinstance(t, ReplayCropFlip) else None
 

@@ -1,12 +1,21 @@
 """Augmentations that can be replayed: parameters are a pure function of
 ``(seed, epoch, sample index)``, so the teacher-output cache can store targets for
 exactly the crops and flips training will see (the FKD idea: Shen & Xing, "A Fast
-Knowledge Distillation Framework for Visual Recognition", ECCV 2022)."""
+Knowledge Distillation Framework for Visual Recognition", ECCV 2022).
+
+:class:`ReplayCropFlip` is the in-memory sets' crop and flip; :class:`ReplayTransform`
+makes any transform (timm's ``create_transform`` pipelines) replayable by running it under
+:func:`replayed_rng`; :class:`EpochSampler` hands the dataset its ``(epoch, index)`` keys.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -126,3 +135,80 @@ def epoch_sampler(
     there are several."""
     cls = _ShardedEpochSampler if num_replicas > 1 else EpochSampler
     return cls(n, True, seed, num_replicas, rank, epoch_keys)
+
+
+# Replayable random draws for any transform --------------------------------------------
+#
+# timm's and torchvision's transforms draw from the global RNGs: python ``random``
+# (RandAugment's op choice and magnitudes, RandomErasing's boxes), numpy (timm's Mixup) and
+# torch's CPU generator (RandomResizedCrop, flips, colour jitter, erasing noise). Seeding all
+# three from the sample's key just before the transform and putting them back afterwards
+# makes every draw a function of that key alone: the same in any worker, process or order,
+# while the caller's random streams go on as if nothing had happened.
+
+
+def replay_entropy(*key: int) -> list[int]:
+    """128 bits of entropy from the integers ``key`` (e.g. ``(seed, epoch, index)``):
+    numpy's :class:`~numpy.random.SeedSequence`, stable across processes, platforms and
+    Python runs (unlike ``hash()``, which Python salts per process)."""
+    if any(int(k) < 0 for k in key):
+        raise ValueError(f"replay keys are non-negative integers, got {key}")
+    return np.random.SeedSequence([int(k) for k in key]).generate_state(4).tolist()
+
+
+@contextlib.contextmanager
+def replayed_rng(*key: int) -> Iterator[None]:
+    """Seed python ``random``, numpy's global RNG and torch's CPU generator from ``key``
+    (see :func:`replay_entropy`) for the body, then restore all three as they were.
+
+    Everything the body draws from those generators is a pure function of ``key``. CUDA
+    generators are neither read nor touched (transforms run on CPU, in loader workers).
+    """
+    words = replay_entropy(*key)
+    py_state, np_state, torch_state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+    )
+    try:
+        random.seed(sum(w << (32 * i) for i, w in enumerate(words)))
+        np.random.seed(np.array(words, dtype=np.uint32))
+        torch.default_generator.manual_seed((words[0] << 32) | words[1])
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class ReplayTransform:
+    """Any per-sample transform (timm's ``create_transform`` pipeline, a torchvision
+    ``Compose``, ...) made replayable: ``transform(image, epoch, index)`` runs it under
+    :func:`replayed_rng` keyed by ``(seed, epoch, index)``, so the crop box, flips,
+    RandAugment ops and magnitudes, colour jitter and erasing boxes of sample ``index`` in
+    ``epoch`` are the same in every call, worker and process.
+
+    Args:
+        transform: the transform; it must draw only from python ``random``, numpy's global
+            RNG and torch's default CPU generator (timm's and torchvision's do).
+        seed: the data seed.
+        description: what a teacher cache must agree on to replay it (its options; see
+            :meth:`describe`).
+    """
+
+    def __init__(
+        self, transform: Callable[[Any], Tensor], seed: int, description: dict | None = None
+    ) -> None:
+        self.transform, self.seed = transform, int(seed)
+        self.description = dict(description or {"transform": repr(transform)})
+
+    def __call__(self, image: Any, epoch: int, index: int) -> Tensor:
+        with replayed_rng(self.seed, epoch, index):
+            return self.transform(image)
+
+    def describe(self) -> dict:
+        """What a cache must agree on to replay these augmentations."""
+        return {"kind": "replayed", "seed": self.seed, **self.description}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed}, transform={self.transform!r})"
