@@ -1,9 +1,11 @@
 """LightningDataModules yielding canonical ``{"image", "target", "index"}`` batches."""
 
+from .augment import TimmAugmentDataModule, timm_transform
 from .base import ArrayDataModule, VisionDataModule, split_indices
 from .digits import DigitsDataModule
 from .fashion_mnist import FashionMNISTDataModule
 from .folder import ImageFolderDataModule
+from .shards import ShardsDataModule, convert_image_folder
 from .torchvision_sets import CIFARDataModule
 
 __all__ = [
@@ -12,6 +14,10 @@ __all__ = [
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "ShardsDataModule",
+    "TimmAugmentDataModule",
     "VisionDataModule",
+    "convert_image_folder",
     "split_indices",
+    "timm_transform",
 ]

@@ -3,6 +3,8 @@ with PIL through torchvision."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import v2
 
 from ..errors import DataNotFoundError
-from .base import UNLABELLED, VisionDataModule, split_indices, subset, warn_large_subset
+from .augment import TimmAugmentDataModule
+from .base import UNLABELLED, split_indices, subset, warn_large_subset
 
 
 class FlatFolder:
@@ -39,7 +41,7 @@ class _IndexedFolder(Dataset):
         self,
         folder: ImageFolder | FlatFolder,
         indices: Tensor,
-        transform: v2.Transform,
+        transform: Callable[[Image.Image], Tensor],
         labelled: bool = True,
     ) -> None:
         self.folder, self.indices, self.transform = folder, indices, transform
@@ -65,12 +67,24 @@ class _IndexedFolder(Dataset):
 
 
 def load_image(path: str) -> Image.Image:
-    """An RGB PIL image, 8 bits per channel. 16-bit grayscale PNG/TIFF (PIL modes ``I;16*``
-    and ``I``) and float images (``F``, taken as ``[0, 1]``) are scaled by their bit depth;
-    PIL's own ``convert("RGB")`` clips them at 255, so 1000 and 30000 both became white."""
+    """An RGB PIL image, 8 bits per channel (see :func:`to_rgb`)."""
     with open(path, "rb") as f:
         image = Image.open(f)
         image.load()
+    return to_rgb(image)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An RGB PIL image from an encoded file's bytes (PNG, JPEG, ...; see :func:`to_rgb`)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, 8 bits per channel. 16-bit grayscale PNG/TIFF (PIL modes ``I;16*``
+    and ``I``) and float images (``F``, taken as ``[0, 1]``) are scaled by their bit depth;
+    PIL's own ``convert("RGB")`` clips them at 255, so 1000 and 30000 both became white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode != "I" or values.max(initial=0) <= 65535 else 2.0**32 - 1
@@ -112,7 +126,7 @@ def _flat_images(path: Path, role: str) -> list[Path] | None:
     return images
 
 
-def _open_folder(path: Path, role: str) -> ImageFolder | FlatFolder:
+def open_folder(path: Path, role: str) -> ImageFolder | FlatFolder:
     """An :class:`ImageFolder` of ``<path>/<class>/<image>``, or a :class:`FlatFolder` of
     ``<path>/<image>`` (data without labels)."""
     if not path.is_dir():
@@ -136,7 +150,7 @@ def _open_folder(path: Path, role: str) -> ImageFolder | FlatFolder:
         ) from e
 
 
-class ImageFolderDataModule(VisionDataModule):
+class ImageFolderDataModule(TimmAugmentDataModule):
     """A data set laid out as ``<dir>/<class>/<image>``, or, without labels, as
     ``<dir>/<image>``.
 
@@ -149,10 +163,13 @@ class ImageFolderDataModule(VisionDataModule):
         train_dir: training images; validation is carved from it unless ``val_dir``.
         val_dir: optional separate validation images.
         test_dir: optional test images (needed for ``visdistill test``).
-        **kwargs: see :class:`~visdistill.data.base.VisionDataModule` (``labels``, ...).
+        **kwargs: timm's augmentation options (``scale``, ``auto_augment``, ``re_prob``,
+            ...; see :class:`~visdistill.data.augment.TimmAugmentDataModule`) and
+            :class:`~visdistill.data.base.VisionDataModule`'s (``labels``, ...).
 
-    Train images get ``RandomResizedCrop`` + flip when ``augment``; evaluation images
-    are resized (short side) and centre-cropped to ``image_size``.
+    Train images get timm's ``create_transform`` augmentation when ``augment``
+    (RandomResizedCrop, flip, colour jitter by default); evaluation images are resized to
+    ``image_size / crop_pct`` and centre-cropped to ``image_size``.
     """
 
     def __init__(
@@ -162,24 +179,16 @@ class ImageFolderDataModule(VisionDataModule):
         self.train_dir = Path(train_dir)
         self.val_dir = Path(val_dir) if val_dir else None
         self.test_dir = Path(test_dir) if test_dir else None
-        self.num_classes = len(_open_folder(self.train_dir, "train_dir").classes)
+        self.num_classes = len(open_folder(self.train_dir, "train_dir").classes)
 
     def _indexed(self, folder, indices: Tensor, train: bool) -> _IndexedFolder:
         return _IndexedFolder(folder, indices, self._transform(train), self.has_labels)
 
-    def _transform(self, train: bool) -> v2.Transform:
-        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-        if train and self.augment:
-            geo = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            geo = [v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size)]
-        return v2.Compose([v2.RGB(), *geo, *to_tensor])
-
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            train = _open_folder(self.train_dir, "train_dir")
+            train = open_folder(self.train_dir, "train_dir")
             if self.val_dir is not None:
-                val = _open_folder(self.val_dir, "val_dir")
+                val = open_folder(self.val_dir, "val_dir")
                 if self.has_labels and val.classes != train.classes:
                     raise DataNotFoundError(
                         f"val_dir classes {val.classes} differ from train_dir classes {train.classes}"
@@ -198,6 +207,6 @@ class ImageFolderDataModule(VisionDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             if self.test_dir is None:
                 raise DataNotFoundError("no test_dir configured (data.init_args.test_dir)")
-            test = _open_folder(self.test_dir, "test_dir")
+            test = open_folder(self.test_dir, "test_dir")
             idx = subset(len(test), self.test_subset, self.seed)
             self.test_set = self._indexed(test, idx, train=False)
