@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .fast_path import apply_fast_path
 from .lightning_private import attached_trainer, logs_reach_loggers, repair_epoch_progress
 from .models import Backbone, ModelConfig, ModelOutput
+from .multi_resolution import StudentSizes
 from .nonfinite import NonFiniteGuard
 from .quiet import ExpectedWarnings
 from .setup_checks import check_data, check_models, check_weight_providers
@@ -113,6 +114,11 @@ class DistillationModule(L.LightningModule):
             (``True``, or a dict of ``torch.compile`` kwargs such as ``{"mode":
             "max-autotune"}``); state-dict keys are unchanged, so checkpoints and exports
             are unaffected.
+        student_sizes: multi-resolution training (:mod:`visdistill.multi_resolution`): each
+            training step resizes the student's input to one of these sides, drawn from
+            ``(student_sizes_seed, global_step)``; teachers keep their own sizes, evaluation
+            runs at the student's configured size. ``None``: always the configured size.
+        student_sizes_seed: seed of those draws.
     """
 
     def __init__(
@@ -133,6 +139,8 @@ class DistillationModule(L.LightningModule):
         teacher_precision: str = "auto",
         channels_last: bool = True,
         compile: bool | dict[str, Any] = False,
+        student_sizes: list[int] | None = None,
+        student_sizes_seed: int = 0,
     ) -> None:
         super().__init__()
         student_cfg = _as_config(student)
@@ -164,6 +172,11 @@ class DistillationModule(L.LightningModule):
             self._bind_teachers(term)
             term.setup(self.student, term.own(list(self.teachers)))
         self.student_stages = tuple(sorted({s for t in self.terms for s in t.student_stages}))
+        self.student_sizes = (
+            None
+            if student_sizes is None
+            else StudentSizes(student_sizes, student_sizes_seed, self.student, self.terms)
+        )
         self.teacher_stages = teacher_stages_requested(self.terms, len(self.teachers or []))
         self.needs_pooled = any(t.needs_pooled for t in self.terms)
         self.needs_prefix_tokens = any(t.needs_prefix_tokens for t in self.terms)
@@ -281,11 +294,15 @@ class DistillationModule(L.LightningModule):
         # Mixup/CutMix batches carry soft targets (B, K): the CE takes them as they are; terms
         # that read labels get each mixed image's dominant class (docs/data.md).
         labels = hard_labels(target)
+        resize = self.training and self.student_sizes is not None  # this step's student size
         student_out = self.student(
-            images,
+            self.student_sizes.preprocess(self.student, images, self.global_step)
+            if resize
+            else images,
             stages=self.student_stages,
             pooled=self.needs_pooled,
             prefix_tokens=self.needs_prefix_tokens,
+            preprocessed=resize,
         )
         parts: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)

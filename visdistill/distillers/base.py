@@ -121,6 +121,9 @@ class DistillTerm(nn.Module):
     needs_logits: bool = False
     needs_labels: bool = False
     provides_teacher_weights: bool = False
+    #: Whether ``setup`` built layers for the student's configured grid (OFA's token exits):
+    #: such a term refuses multi-resolution training (``student_sizes``).
+    fixed_student_grid: bool = False
     #: Losses that are exactly 0 when every teacher the term reads is the student itself
     #: (same outputs): the term's documented zero case, checked by the contract test.
     zero_parts: ClassVar[tuple[str, ...]] = ()

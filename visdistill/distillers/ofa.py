@@ -228,6 +228,7 @@ class OFA(DistillTerm):
             raise ConfigError(f"OFA eps must be >= 1, got {self.eps}")
         self.student_stages = stages
         token = self.branch == "token" or (self.branch == "auto" and is_token_model(student))
+        self.fixed_student_grid = token  # token exits merge patches of the configured grid
         width_s = student.num_features
         width = max([width_s] + [t.num_features for t in teachers])
         k, last = student.num_classes, student.feature_info[-1]["reduction"]
