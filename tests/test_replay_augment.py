@@ -1,0 +1,171 @@
+"""Replayable augmentation: every random draw of timm's ``create_transform`` pipelines for
+sample ``i`` in epoch ``e`` is a function of (data seed, e, i): across calls, DataLoader
+workers and processes, and without touching the caller's random streams."""
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from visdistill.data.augment import timm_transform
+from visdistill.data.replay import EpochSampler, ReplayTransform, replay_entropy, replayed_rng
+
+SIZE = 64
+# One entry per augmentation kind; each alone is random, so replaying it is a real check.
+KINDS = {
+    "rrc": dict(hflip=0.0, color_jitter=None),
+    "flip": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, color_jitter=None),
+    "rand-m9-mstd0.5": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, auto_augment="rand-m9-mstd0.5"),
+    "color_jitter": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.4),
+    "erasing": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=None, re_prob=1.0, re_mode="pixel"),
+    "all": dict(auto_augment="rand-m9-mstd0.5", re_prob=0.5, re_mode="pixel"),
+}  # fmt: skip
+
+
+def digit_images(n: int) -> list[Image.Image]:
+    """scikit-learn digits, upscaled to 64 px RGB PIL images (real strokes, not noise)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = []
+    for k in range(n):
+        a = (digits.images[k] * (255.0 / 16.0)).round().astype(np.uint8)
+        img = Image.fromarray(a).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB")
+        images.append(img)
+    return images
+
+
+@pytest.fixture(scope="module")
+def images():
+    return digit_images(8)
+
+
+def _replayed(kind: str, seed: int = 3) -> ReplayTransform:
+    return ReplayTransform(timm_transform(True, SIZE, **KINDS[kind]), seed)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_replays_and_differs_by_epoch_and_index(kind, images):
+    t = _replayed(kind)
+    img = images[0]
+    first = t(img, 2, 5)
+    assert torch.equal(first, t(img, 2, 5))
+    assert torch.equal(first, _replayed(kind)(img, 2, 5))  # a new transform object too
+    # Another epoch, another sample, another seed: other draws (a flip alone matches half
+    # the time, so several keys are compared).
+    others = [t(img, e, 5) for e in range(3, 9)]
+    assert any(not torch.equal(first, o) for o in others)
+    assert any(not torch.equal(first, t(img, 2, i)) for i in range(6, 12))
+    assert any(not torch.equal(first, _replayed(kind, seed=s)(img, 2, 5)) for s in range(4, 10))
+    # The plain transform is random: without the replay the same call differs.
+    plain = t.transform
+    assert any(not torch.equal(plain(img), plain(img)) for _ in range(6))
+
+
+def test_global_random_streams_are_untouched(images):
+    t = _replayed("all")
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    py, npy, tch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    for i in range(4):
+        t(images[i], 0, i)
+    assert random.getstate() == py
+    after = np.random.get_state()
+    assert after[0] == npy[0] and np.array_equal(after[1], npy[1]) and after[2:] == npy[2:]
+    assert torch.equal(torch.get_rng_state(), tch)
+    # The next draws are those the caller would have had without the transform calls.
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_streams_restored_when_the_transform_raises():
+    state = torch.get_rng_state()
+
+    def boom(_):
+        torch.rand(5)
+        raise ValueError("bad image")
+
+    with pytest.raises(ValueError, match="bad image"):
+        ReplayTransform(boom, 0)(None, 0, 0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_keys_hash_stably_and_distinctly():
+    assert replay_entropy(0, 1, 2) == replay_entropy(0, 1, 2)
+    keys = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (0, 1, 2, 1), (0, 12, 0)]
+    assert len({tuple(replay_entropy(*k)) for k in keys}) == len(keys)
+    with replayed_rng(0, 1, 2):
+        a = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    with replayed_rng(0, 1, 2):
+        b = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    assert a == b
+    with pytest.raises(ValueError, match="non-negative"):
+        replay_entropy(0, -1, 2)
+
+
+class _Keyed(Dataset):
+    """PIL images served with a ReplayTransform under (epoch, position) keys."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        return {"image": self.transform(self.images[i], epoch, i), "index": i}
+
+
+def _epoch_batches(images, workers: int, epochs: int = 2) -> list[dict]:
+    sampler = EpochSampler(len(images), shuffle=True, seed=5)
+    loader = DataLoader(
+        _Keyed(images, _replayed("all")), batch_size=3, sampler=sampler, num_workers=workers
+    )
+    out = []
+    for e in range(epochs):
+        sampler.set_epoch(e)
+        out += list(loader)
+    return out
+
+
+def test_dataloader_workers_give_the_same_images(images):
+    one, two = _epoch_batches(images, 0), _epoch_batches(images, 2)
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+    # The epochs' draws differ for the same sample.
+    first = {int(i): img for b in one[:3] for i, img in zip(b["index"], b["image"], strict=True)}
+    second = {int(i): img for b in one[3:] for i, img in zip(b["index"], b["image"], strict=True)}
+    assert any(not torch.equal(first[i], second[i]) for i in first)
+
+
+_CHILD = """
+import pickle, sys
+from tests.test_replay_augment import _replayed, digit_images
+images = digit_images(3)
+out = {k: [_replayed(k)(images[i], e, i) for e in (0, 7) for i in range(3)] for k in sys.argv[2:]}
+pickle.dump(out, open(sys.argv[1], "wb"))
+"""
+
+
+def test_another_process_replays_the_same_images(images, tmp_path):
+    kinds = ["rrc", "rand-m9-mstd0.5", "erasing"]
+    path = tmp_path / "child.pkl"
+    # Another hash salt: the replay must not depend on Python's hash().
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", _CHILD, str(path), *kinds], check=True, cwd=root, env=env)
+    child = pickle.loads(path.read_bytes())
+    for k in kinds:
+        mine = [_replayed(k)(images[i], e, i) for e in (0, 7) for i in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(mine, child[k], strict=True)), k
+    assert json.dumps(sorted(child)) == json.dumps(sorted(kinds))
