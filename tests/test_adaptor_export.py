@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from einops import rearrange
+from safetensors.torch import load_file
 
 from visdistill import (
     AgglomerativeStudent,
@@ -79,12 +80,19 @@ def cnn_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_ckpt(tmp_path_factory):
     """ViT student with a classifier (class token summary); per-channel standardisation;
-    the term reads only the second of two teachers, by name."""
+    the term reads two of three teachers, in another order, one of them from the zoo (its
+    architecture is rebuilt from the zoo entry at export, without its weights)."""
     teachers = [
         {"name": "resnet10t", "num_classes": 0, "pretrained": False, "alias": "unused"},
+        {"name": "zoo:fmnist_resnet10t", "num_classes": 0},
         {**VIT, "alias": "vit.t"},
     ]
-    args = {"normalize": "standardize", "teachers": ["vit.t"], "student_stage": 0}
+    args = {
+        "normalize": "standardize",
+        "teachers": ["vit.t", 1],
+        "teacher_stage": [-1, -2],
+        "student_stage": 0,
+    }
     return _fit(tmp_path_factory.mktemp("vit"), {**VIT, "num_classes": 10}, teachers, args)
 
 
@@ -169,13 +177,30 @@ def test_export_with_adaptors_reproduces_the_training_heads(cnn_ckpt, tmp_path):
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(plain(x), model.model(x))
+    # --dtype float16 stores the heads in float16 (the normalisers stay float32); they load
+    # into a float32 module, as timm loads the student.
+    half = export_student(cnn_ckpt, tmp_path / "half", dtype="float16", with_adaptors=True)
+    stored = load_file(half / "adaptors.safetensors")
+    assert stored["summary_heads.0.0.weight"].dtype == torch.float16
+    assert stored["spatial_norms.0.rotation"].dtype == torch.float32
+    loaded = AgglomerativeStudent.from_export(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    with torch.no_grad():
+        got, ref = loaded(x, normalized=True)["cnn"]["spatial"], model(x, normalized=True)
+        torch.testing.assert_close(got, ref["cnn"]["spatial"], atol=2e-2, rtol=2e-2)
 
 
-def test_vit_student_standardize_and_a_teacher_subset(vit_ckpt, tmp_path):
+def test_vit_student_standardize_and_a_zoo_teacher_subset(vit_ckpt, tmp_path):
     out = export_student(vit_ckpt, tmp_path / "agg", with_adaptors=True)
     spec = json.loads((out / "adaptors.json").read_text())
-    assert [t["name"] for t in spec["teachers"]] == ["vit.t"]  # '.' in a name is kept
-    assert spec["teachers"][0]["normalizer"] == "standardize"
+    vit, zoo = spec["teachers"]
+    assert (vit["name"], vit["grid"]) == ("vit.t", [4, 4])  # '.' in a name is kept
+    assert (zoo["name"], zoo["model"], zoo["grid"]) == (
+        "fmnist_resnet10t",
+        "zoo:fmnist_resnet10t",
+        [2, 2],
+    )
+    assert {vit["normalizer"], zoo["normalizer"]} == {"standardize"}
     assert spec["student"]["stage_index"] == 0
     _check_matches_term(vit_ckpt, out)
 
@@ -195,7 +220,7 @@ def test_plain_export_of_an_adaptor_checkpoint_is_the_student_alone(cnn_ckpt, tm
 
 def test_export_with_adaptors_through_the_command(cnn_ckpt, tmp_path, capsys):
     out = tmp_path / "cmd"
-    main(["export", cnn_ckpt, "--out", str(out), "--with_adaptors", "true"])
+    main(["export", cnn_ckpt, "--out", str(out), "--with_adaptors"])
     assert (out / "adaptors.json").is_file()
     assert AgglomerativeStudent.from_export(out).teacher_names == ["vit_tiny_patch16_224", "cnn"]
 

@@ -130,7 +130,8 @@ def export_student(
         input_size: recorded input side when the student has no fixed size; default
             the data module's ``image_size`` stored in the checkpoint.
         overwrite: write into a non-empty ``out_dir`` (replacing its weights file and
-            ``config.json``, nothing else); refused by default.
+            ``config.json``, and the adaptor files with ``with_adaptors``, nothing else);
+            refused by default.
         format: ``timm`` (safetensors weights) or ``onnx`` (a graph checked with
             onnxruntime against PyTorch; needs ``pip install 'visdistill[onnx]'``).
         push_to_hub: a Hugging Face Hub repo id (``user/name``): after writing ``out_dir``,
