@@ -215,3 +215,40 @@ def test_nd_and_double_smoothing_are_refused(tmp_path):
         _trainer(tmp_path, max_steps=1).fit(_module(terms=[ND(cache_dir="")]), _digits())
     with pytest.raises(ConfigError, match="smooth the mixup/CutMix targets a second time"):
         _trainer(tmp_path, max_steps=1).fit(_module(label_smoothing=0.1), _digits())
+
+
+@pytest.mark.skipif(
+    not __import__("visdistill.data.fashion_mnist", fromlist=["x"]).DEBIAN_DIR.exists(),
+    reason="Debian dataset-fashion-mnist not installed",
+)
+@pytest.mark.parametrize(
+    "options", [dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0)], ids=["mixup", "cutmix"]
+)
+def test_per_image_approximation_against_the_exact_targets(options):
+    """The zoo teacher on Fashion-MNIST: mixing its per-image outputs is not its output on
+    the mixed image (what the exact cache stores); with nothing mixed they agree."""
+    from torch.utils.data import DataLoader
+
+    from visdistill.data import FashionMNISTDataModule
+    from visdistill.data.replay import EpochSampler
+    from visdistill.models import Backbone
+
+    teacher = Backbone(name="zoo:fmnist_resnet10t")
+    dm = FashionMNISTDataModule(batch_size=32, train_subset=64, **options)
+    dm.setup("fit")
+    sampler = EpochSampler(len(dm.train_set), seed=0)
+    mixer, never = dm.mixer(), BatchMixer(10, mixup_prob=0.0, **options)
+    for batch in DataLoader(dm.train_set, batch_size=32, sampler=sampler):
+        mixed = mixer(batch)
+        assert (mixed["mix_lam"] < 1).all()
+        err = mixed_target_error(
+            lambda x: teacher(x).logits, batch["image"], mixed["image"], mixed["mix_lam"]
+        )
+        assert err["kl"] > 1e-3 and err["max_abs_logp"] > 0.1 and err["mixed_fraction"] == 1
+        assert 0 < err["top1_agreement"] <= 1
+        same = never(batch)
+        assert torch.equal(same["image"], batch["image"]) and (same["mix_lam"] == 1).all()
+        err = mixed_target_error(
+            lambda x: teacher(x).logits, batch["image"], same["image"], same["mix_lam"]
+        )
+        assert err["kl"] == pytest.approx(0, abs=1e-6) and err["max_abs_logp"] < 1e-4
