@@ -93,13 +93,21 @@ def test_a_cache_for_other_teachers_or_augmentation_is_refused(cache_dir):
         TeacherCache.open(cache_dir.parent / "nope")
 
 
-def test_terms_that_read_teacher_stages_cannot_use_the_cache():
-    with pytest.raises(ConfigError, match="TRG read teacher stages"):
+def test_terms_that_read_teacher_stages_need_a_cache_that_holds_them(cache_dir):
+    # Not built yet: refused (or accepted) when fit opens it.
+    DistillationModule(
+        student=ModelConfig(**CNN),
+        teachers=[ModelConfig(**CNN)],
+        terms=[TRG(teacher_stage=-1)],
+        teacher_cache="x",
+    )
+    with pytest.raises(ConfigError, match=r"reads stage -1 of teacher resnet10t, but the "
+                       r"teacher cache .* holds no stages of it; rebuild"):  # fmt: skip
         DistillationModule(
             student=ModelConfig(**CNN),
-            teachers=[ModelConfig(**CNN)],
+            teachers=[ModelConfig(**CNN), ModelConfig(**VIT)],
             terms=[TRG(teacher_stage=-1)],
-            teacher_cache="x",
+            teacher_cache=str(cache_dir),
         )
 
 
@@ -157,12 +165,11 @@ def test_pooled_features_are_cached_for_nd(tmp_path):
     module, dm = _module(), _data()
     plain = build_teacher_cache(module, dm, tmp_path / "p0", epochs=2, progress=False)
     torch.manual_seed(0)  # the same (random) teachers as the cache's
-    nd = DistillationModule(
-        student=ModelConfig(**CNN), teachers=[ModelConfig(**CNN), ModelConfig(**VIT)],
-        terms=[ND(cache_dir="")], teacher_cache=str(plain), eval_teachers=False,
-    )  # fmt: skip
     with pytest.raises(ConfigError, match="rebuild it with --pooled"):
-        _fit(nd, tmp_path)
+        DistillationModule(
+            student=ModelConfig(**CNN), teachers=[ModelConfig(**CNN), ModelConfig(**VIT)],
+            terms=[ND(cache_dir="")], teacher_cache=str(plain), eval_teachers=False,
+        )  # fmt: skip
     pooled = build_teacher_cache(module, dm, tmp_path / "p1", epochs=2, pooled=True,
                                  progress=False)  # fmt: skip
     outs = TeacherCache.open(pooled).lookup(0, dm.train_set.indices[:4])

@@ -1,34 +1,48 @@
 """Teacher-output cache: the teachers run once, before training, instead of every step.
 
-Following FKD (Shen & Xing, ECCV 2022), ``build_teacher_cache`` replays ``E`` epochs of the
-training set's augmentation (crops and flips are a function of the data seed, epoch and
-sample: :class:`~visdistill.data.replay.ReplayCropFlip`) and stores, per epoch, sample and
-teacher, the top-``k`` log-probabilities (fp16) with their class indices, the log of the
-remaining probability mass, and optionally pooled features. Training with
-``DistillationModule(teacher_cache=DIR)`` sees the same crops and reads the targets.
+Following FKD (Shen & Xing, ECCV 2022), ``build_teacher_cache`` iterates the data module's own
+training loader for ``E`` epochs, so the images the teachers see are exactly the ones training
+will see: replayable augmentation (every random draw of sample ``i`` in epoch ``e`` is a
+function of the data seed, ``e`` and ``i``), and batch-level mixing (mixup/CutMix, whose
+batches are fixed by the epoch's seeded order). Per epoch and sample it stores, per classifier
+teacher, the top-``k`` log-probabilities (fp16) with their class indices and the log of the
+remaining probability mass; optionally each teacher's pooled features (fp16) and fp16 feature
+maps ``(C, h, w)`` of chosen stages, so feature terms (ND, UNIC, TRG, AdaptorHeads ...) train
+from the cache too. Training with ``DistillationModule(teacher_cache=DIR)`` reads them.
 
-Layout of ``DIR``: ``manifest.json`` plus memory-mapped ``.npy`` arrays. The manifest
-records the teachers' fingerprint (names, input specs, weights), the data module and its
-hyper-parameters, the augmentation, ``k`` and the number of epochs; a run whose teachers,
-data or augmentation differ is refused, naming the differing fields. Without augmentation
-(``augment: false``) one epoch is stored and reused for every epoch.
+Layout of ``DIR``: ``manifest.json`` and, per epoch ``e`` and shard ``s``, ``eEEEE-sSSSSS.head.npy``
+(a record per sample: its source ``index`` and the log-probabilities) plus one ``.npy`` per
+stored feature (``...t0-pooled.npy``, ``...t1-stage3.npy``). Samples are stored in the order
+the epoch's loader yields them (the order of a single-process batch of ``world_size x
+batch_size``), so a training batch is a contiguous run of one shard; lookups go from a batch's
+``index`` through the stored order. Shards hold a fixed number of whole batches, independent
+of how many processes build the cache.
 
-The cache is built in a temporary folder beside ``DIR`` and moved into place at the end. An
-existing ``DIR`` is used only when it is empty, or when it holds a cache and ``overwrite`` is
-given; then only the cache's own files are replaced, nothing else in the folder is touched.
-Opening a cache checks every array's size, shape and values (truncated files, NaN/inf).
+The manifest records the teachers' fingerprint (names, input specs, weights), the data module
+and its hyper-parameters, the augmentation, the batching (batch size, ``drop_last``, training
+world size, shuffle seed), ``k``, the stored features and the number of epochs; a run whose
+teachers, data or augmentation differ, or that needs a feature the cache lacks, is refused,
+naming the difference. The batching is refused only when batches are mixed (mixup/CutMix):
+per-sample augmentation is the same whatever the batching. Without augmentation one epoch is
+stored and reused for every epoch.
+
+Building: in ``.DIR.building`` beside ``DIR``. Each shard is written under a ``.partial`` name
+and renamed when complete, so a killed build resumes from its completed shards (a build whose
+setup differs starts over). Under ``torch.distributed`` (e.g. ``torchrun``) each rank builds
+every ``world_size``-th shard; the files are the same byte for byte whatever the number of
+processes. When every shard is there the manifest is written and the folder moved onto
+``DIR``. An existing ``DIR`` is used only when it is empty, or when it holds a cache and
+``overwrite`` is given; then only the cache's own files are replaced.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import socket
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +51,67 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .checkpoints import fsync_folder
+from .checkpoints import atomic_write, fsync_folder
 from .errors import ConfigError
 from .loader_pass import run_over_loader
 from .models import ModelOutput
 from .teachers import teacher_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-# Every file a cache folder holds; nothing else in a folder is ever deleted or replaced.
-_CACHE_FILE = re.compile(r"(manifest\.json|logp\.npy|classes\.npy|rest\.npy|source_index\.npy"
-                         r"|pooled\d+\.npy)")  # fmt: skip
+BUILD_FILE = "build.json"  # a build in progress: what it builds (resumed only if unchanged)
+# Every file a cache (or its building folder) holds; nothing else is ever deleted or
+# replaced. The first line: format 1's arrays, so an old cache can be overwritten.
+_CACHE_FILE = re.compile(
+    r"(logp|classes|rest|source_index|pooled\d+)\.npy"
+    r"|manifest\.json|build\.json|\.manifest\.json\.[^/]*\.tmp|\.build\.json\.[^/]*\.tmp"
+    r"|e\d{4}-s\d{5}\.(head|t\d+-pooled|t\d+-stage\d+)\.npy(\.partial)?"
+)
+_REBUILD = "rebuild it with `visdistill cache --config <your config> --out <dir> --overwrite`"
 
 
-def cache_identity(module: Any, datamodule: Any) -> dict[str, Any]:
-    """What a cache must agree on with a run: teachers, data, augmentation."""
+# ----------------------------------------------------------------------- identity
+def _train_loader_parts(datamodule: Any) -> tuple[DataLoader, Any]:
+    """The data module's training loader and its :class:`EpochSampler` (the keys it yields
+    fix which augmented image every sample gets), refusing a loader without one."""
+    from .data.resumable import _epoch_sampler
+
+    loader = datamodule.train_dataloader()
+    sampler = _epoch_sampler(getattr(loader, "sampler", None))
+    if sampler is None:
+        raise ConfigError(
+            f"{type(datamodule).__name__}'s training loader has no epoch-keyed sampler "
+            "(visdistill.data.replay.EpochSampler), so its augmented images cannot be replayed "
+            "for the teacher cache; use a visdistill data module with replayable augmentation"
+        )
+    return loader, sampler
+
+
+def mixes_batches(augmentation: Any) -> bool:
+    """Whether the augmentation mixes samples within a batch (mixup/CutMix): then a sample's
+    image depends on its batch, and the batching is part of a cache's identity."""
+    return isinstance(augmentation, dict) and bool(augmentation.get("mixing"))
+
+
+def cache_identity(module: Any, datamodule: Any, world_size: int | None = None) -> dict[str, Any]:
+    """What a cache must agree on with a run: teachers, data, augmentation, batching.
+
+    ``world_size``: the training run's processes (default: what the data module's training
+    loader shards over, 1 outside a distributed run)."""
     hparams = dict(getattr(datamodule, "hparams", {}) or {})
-    # Loader settings, the test split and LightningCLI's bookkeeping change nothing stored.
+    # Loader settings, the test split and LightningCLI's bookkeeping change nothing stored
+    # (the batch size, where it matters, is in "batching").
     for key in [k for k in hparams if k.startswith("_")] + [
         "batch_size",
         "num_workers",
         "test_subset",
     ]:
         hparams.pop(key, None)
+    loader, sampler = _train_loader_parts(datamodule)
+    augmentation = datamodule.augmentation()
+    if world_size is not None and mixes_batches(augmentation):
+        # Built in one process for a run of world_size: the batches are that run's.
+        augmentation = {**augmentation, "world_size": int(world_size)}
     return {
         "format": FORMAT_VERSION,
         "teachers": teacher_fingerprint(list(module.teachers)),
@@ -67,12 +119,18 @@ def cache_identity(module: Any, datamodule: Any) -> dict[str, Any]:
         "datamodule": type(datamodule).__qualname__,
         "data_hparams": {k: repr(v) for k, v in sorted(hparams.items())},
         "train_samples": len(datamodule.train_set),
-        "augmentation": datamodule.augmentation(),
+        "augmentation": augmentation,
+        "batching": {
+            "batch_size": int(loader.batch_size),
+            "drop_last": bool(loader.drop_last),
+            "world_size": int(world_size or sampler.num_replicas),
+            "shuffle_seed": int(sampler.seed),
+        },
     }
 
 
 def check_classifier_teachers(teachers: Any) -> None:
-    """Refuse headless teachers (``num_classes: 0``): the cache stores class probabilities."""
+    """Refuse headless teachers (``num_classes: 0``) where class probabilities are needed."""
     headless = [t.name for t in teachers if t.headless]
     if headless:
         raise ConfigError(
@@ -82,6 +140,86 @@ def check_classifier_teachers(teachers: Any) -> None:
         )
 
 
+# ----------------------------------------------------------------------- the plan
+@dataclass
+class _Plan:
+    """Which batches make up each shard of each epoch (the same for any number of builders).
+
+    ``batches[e]`` lists epoch ``e``'s loader batches in slot order (training batch ``t`` of
+    rank 0, of rank 1, ..., then batch ``t + 1``); each batch is its list of sampler keys.
+    """
+
+    epochs: int
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    seed: int
+    epoch_keys: bool
+    n: int
+    shard_batches: int  # loader batches per shard (a multiple of world_size)
+    batches: list[list[list[Any]]] = field(default_factory=list)
+
+    def build(self) -> None:
+        from .data.replay import EpochSampler
+
+        for e in range(self.epochs):
+            per_rank = []
+            for r in range(self.world_size):
+                order = EpochSampler(self.n, True, self.seed, self.world_size, r).order(e)
+                keys = [(e, i) for i in order] if self.epoch_keys else order
+                cut = [keys[s : s + self.batch_size] for s in range(0, len(keys), self.batch_size)]
+                if self.drop_last and cut and len(cut[-1]) < self.batch_size:
+                    cut.pop()
+                per_rank.append(cut)
+            self.batches.append([b for group in zip(*per_rank, strict=True) for b in group])
+
+    @property
+    def slots(self) -> int:
+        return sum(len(b) for b in self.batches[0])
+
+    @property
+    def shard_slots(self) -> int:
+        return self.shard_batches * self.batch_size
+
+    @property
+    def shards(self) -> int:
+        return max(1, -(-len(self.batches[0]) // self.shard_batches))
+
+    def shard(self, e: int, s: int) -> list[list[Any]]:
+        return self.batches[e][s * self.shard_batches : (s + 1) * self.shard_batches]
+
+
+def _name(e: int, s: int, what: str) -> str:
+    return f"e{e:04d}-s{s:05d}.{what}.npy"
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _teacher_stages(module: Any, stages: Any) -> list[tuple[int, ...]]:
+    """Per teacher, the stage indices to store (each taken modulo the teacher's stage
+    count, so ``-1`` and the last stage are one feature map)."""
+    from .teachers import per_teacher_stages
+
+    teachers = list(module.teachers)
+    wanted = module.teacher_stages if stages is None else per_teacher_stages(stages, len(teachers))
+    out = []
+    for teacher, own in zip(teachers, wanted, strict=True):
+        teacher.check_stages(own)
+        n = len(teacher.feature_info)
+        out.append(tuple(sorted({int(s) % n for s in own})))
+    return out
+
+
+# ----------------------------------------------------------------------- building
 @torch.no_grad()
 def build_teacher_cache(
     module: Any,
@@ -89,85 +227,321 @@ def build_teacher_cache(
     out: str | os.PathLike,
     epochs: int,
     top_k: int = 10,
-    pooled: bool = False,
+    pooled: bool | None = None,
     batch_size: int = 256,
     progress: bool = True,
     overwrite: bool = False,
+    *,
+    stages: list[int] | list[list[int]] | None = None,
+    train_world_size: int | None = None,
+    shard_size: int = 8192,
+    device: str | None = None,
 ) -> Path:
-    """Run the module's teachers over ``epochs`` epochs of replayed augmentations.
+    """Run the module's teachers over ``epochs`` epochs of the data module's training batches
+    and store what the distillation terms read from them.
+
+    Under ``torch.distributed`` (``torchrun --nproc_per_node N -m visdistill cache ...``)
+    every rank builds its share of the shards; a killed build resumes from its completed
+    shards when run again with the same setup.
 
     Args:
         module: a :class:`DistillationModule` with teachers.
-        datamodule: an in-memory data module (replayable augmentation), set up for fit.
+        datamodule: a data module whose training loader replays its augmentation (an
+            :class:`~visdistill.data.replay.EpochSampler` with epoch keys), set up for fit.
         out: cache directory: must not exist, be empty, or (with ``overwrite``) hold a
-            cache. Built in a temporary folder beside it, then moved into place.
+            cache. Built in ``.OUT.building`` beside it, then moved into place.
         epochs: epochs of augmentations to store (>= the runs' ``max_epochs``); ignored
             (1 is stored) when the data module does not augment.
         top_k: classes kept per sample and teacher (the rest share the remaining mass);
             ``k >= num_classes`` stores the exact distribution.
-        pooled: also store the teachers' pooled features (fp16), for terms like ND.
+        pooled: also store the teachers' pooled features (fp16), for terms like ND, UNIC and
+            AdaptorHeads; default: when the model's terms read them.
+        batch_size: the most images the teachers see in one forward (a training batch
+            larger than this is split).
+        progress: show a progress bar with the remaining time.
         overwrite: replace the cache already in ``out`` (only its own files).
+        stages: teacher stages whose feature maps ``(C, h, w)`` to store (fp16): one list of
+            stage indices for every teacher, or one list per teacher (``[[3], []]``);
+            default: the stages the model's terms read (TRG, UNIC, DisWOT, ...).
+        train_world_size: processes of the training run that will read the cache (its
+            batches are cut per process); default: 1, or the trainer config's world size
+            in ``visdistill cache``. Matters only when batches are mixed (mixup/CutMix).
+        shard_size: samples per cache file (rounded to whole training batches); a killed
+            build redoes at most one shard per process.
+        device: where the teachers run (``cuda``, ``cuda:1``, ``cpu``); default: where the
+            model is, or this process's GPU under ``torch.distributed`` with CUDA.
     """
     out = Path(out)
     check_cache_destination(out, overwrite)
     if module.teachers is None:
         raise ConfigError("the teacher cache needs teachers; the model has none")
-    check_classifier_teachers(module.teachers)
     if datamodule.train_set is None:
         datamodule.setup("fit")
     if not hasattr(datamodule, "augmentation"):
         raise ConfigError(
             f"{type(datamodule).__name__} has no replayable augmentation; the teacher cache "
-            "supports the in-memory data modules (Fashion-MNIST, digits, CIFAR)"
+            "needs a data module whose augmentation() describes what it replays"
         )
-    identity = cache_identity(module, datamodule)
+    if int(top_k) < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if int(shard_size) < 1:
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    if train_world_size is not None and int(train_world_size) < 1:
+        raise ConfigError(f"train_world_size must be >= 1, got {train_world_size}")
+    rank, world = _dist()
+    if device is not None:
+        module.to(device)
+    elif world > 1 and torch.cuda.is_available():
+        module.to(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    identity = cache_identity(module, datamodule, train_world_size)
+    loader, sampler = _train_loader_parts(datamodule)
     deterministic = identity["augmentation"] is None
     epochs = 1 if deterministic else int(epochs)
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    dataset = datamodule.train_set
+    batching = identity["batching"]
+    n, w, b = len(datamodule.train_set), batching["world_size"], batching["batch_size"]
+    if mixes_batches(identity["augmentation"]) and w > 1 and n % w:
+        raise ConfigError(
+            f"with mixup/CutMix and {w} training processes, {n} training samples do not "
+            f"split evenly: the sampler repeats {w - n % w} sample(s) in another batch, mixed "
+            "differently, which one cache entry per sample cannot hold. Use a train_subset "
+            f"divisible by {w}"
+        )
+    classifiers = [i for i, t in enumerate(module.teachers) if not t.headless]
     k_cls = module.teachers.num_classes
-    k = min(int(top_k), k_cls)
-    if k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out)
-    # Named by host and pid, so a later build can tell a killed build's leftovers from a
-    # build that is still running.
-    prefix = f"{_building_prefix(out)}{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix))
-    try:
-        _build_into(module, dataset, identity, tmp, epochs, k, k_cls, pooled, batch_size, progress)
-        _move_into_place(tmp, out, overwrite)
-    finally:
-        _remove_cache_files(tmp)  # what is left of the temporary folder (only our files)
-        if tmp.is_dir() and not any(tmp.iterdir()):
-            tmp.rmdir()
+    k = min(int(top_k), k_cls) if classifiers else 0
+    wanted = _teacher_stages(module, stages)
+    if pooled is None:
+        pooled = bool(module.needs_pooled)
+    if not classifiers and not pooled and not any(wanted):
+        raise ConfigError(
+            "every teacher is headless (num_classes 0), so there are no class probabilities to "
+            "cache; cache their features: --pooled true and/or --stages [<stage index>]"
+        )
+    plan = _Plan(
+        epochs, w, b, batching["drop_last"], batching["shuffle_seed"], bool(sampler.epoch_keys),
+        n, w * max(1, round(int(shard_size) / (w * b))),
+    )  # fmt: skip
+    plan.build()
+    contents = {
+        "epochs": epochs,
+        "deterministic": deterministic,
+        "top_k": k,
+        "num_classes": k_cls,
+        "classifiers": classifiers,
+        "pooled": bool(pooled),
+        "stages": [list(s) for s in wanted],
+        "stage_counts": [len(t.feature_info) for t in module.teachers],
+        "feature_dtype": "float16",
+        "slots_per_epoch": plan.slots,
+        "shard_slots": plan.shard_slots,
+        "shards_per_epoch": plan.shards,
+    }
+    description = {**identity, **contents}
+    building = out.parent / f".{out.name}.building"
+    if rank == 0:
+        _prepare_building(building, description)
+    _barrier()
+    writer = _ShardWriter(building, plan, description, module, int(batch_size))
+    todo = [
+        (e, s)
+        for e in range(epochs)
+        for s in range(plan.shards)
+        if (e * plan.shards + s) % world == rank and not (building / _name(e, s, "head")).exists()
+    ]
+    writer.run(loader, todo, progress and rank == 0)
+    _barrier()
+    if rank == 0:
+        missing = [
+            _name(e, s, "head")
+            for e in range(epochs)
+            for s in range(plan.shards)
+            if not (building / _name(e, s, "head")).exists()
+        ]
+        if missing:
+            raise ConfigError(
+                f"the cache build in {building} lacks {len(missing)} shard(s) ({missing[0]} ...): "
+                "a process of the build failed; run the same command again to finish it"
+            )
+        description["feature_shapes"] = _feature_shapes(building)
+        atomic_write(building / MANIFEST, lambda p: Path(p).write_text(_dumps(description)))
+        (building / BUILD_FILE).unlink()
+        _move_into_place(building, out, overwrite)
+    _barrier()
     return out
 
 
-def _building_prefix(out: Path) -> str:
-    return f".{out.name}.building-"
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=True)
 
 
-def _remove_stale_builds(out: Path) -> None:
-    """Remove the temporary folders of builds of ``out`` that were killed (on this host, by
-    a process that no longer exists): a cache's worth of arrays otherwise stays on disk.
-    Only the cache's own files are removed, then the folder if that empties it."""
-    from .run_folder import process_gone
+def _prepare_building(building: Path, description: dict[str, Any]) -> None:
+    """Create the building folder, or resume the build in it when it builds the same cache;
+    a build of anything else there is started over (its files only)."""
+    if building.exists() and not building.is_dir():
+        raise ConfigError(f"{building} is a file; remove it or choose another --out")
+    building.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in building.iterdir() if not _CACHE_FILE.fullmatch(p.name)]
+    if foreign:
+        raise ConfigError(
+            f"{building} (where the cache is built) holds files that are not the cache's "
+            f"({', '.join(sorted(foreign)[:3])}); move them away or choose another --out"
+        )
+    try:
+        previous = json.loads((building / BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != json.loads(_dumps(description)):
+        _remove_cache_files(building)
+        atomic_write(building / BUILD_FILE, lambda p: Path(p).write_text(_dumps(description)))
 
-    prefix = _building_prefix(out)
-    for folder in out.parent.glob(f"{glob.escape(prefix)}*"):
-        parts = folder.name[len(prefix) :].rsplit("-", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            continue  # named before host/pid were recorded
-        if not process_gone(parts[0], int(parts[1])):
-            continue  # still building, or another host's build
-        _remove_cache_files(folder)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+
+def _feature_shapes(building: Path) -> dict[str, list[int]]:
+    shapes = {}
+    for path in sorted(building.glob("e0000-s00000.t*.npy")):
+        what = path.name.split(".")[1]
+        shapes[what] = list(np.load(path, mmap_mode="r").shape[1:])
+    return shapes
 
 
+class _ShardWriter:
+    """Runs the teachers over the planned batches of this process's shards and writes each
+    shard under ``.partial`` names, renamed (the head file last) once complete."""
+
+    def __init__(
+        self, folder: Path, plan: _Plan, description: dict[str, Any], module: Any, chunk: int
+    ) -> None:
+        self.folder, self.plan, self.module, self.chunk = folder, plan, module, chunk
+        self.k, self.classifiers = description["top_k"], description["classifiers"]
+        self.pooled, self.stages = description["pooled"], [tuple(s) for s in description["stages"]]
+        self.arrays: dict[str, np.memmap] = {}
+
+    def run(self, loader: DataLoader, todo: list[tuple[int, int]], progress: bool) -> None:
+        batches = [batch for e, s in todo for batch in self.plan.shard(e, s)]
+        if not batches:
+            return
+        # The training loader's own dataset, collate function and workers, fed the exact
+        # key lists of the planned batches.
+        replay = DataLoader(
+            loader.dataset,
+            batch_sampler=batches,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            worker_init_fn=loader.worker_init_fn,
+        )
+        passes = run_over_loader(
+            self.module.teachers,
+            replay,
+            self._forward,
+            device=self.module.device,
+            desc="teacher cache",
+            progress=progress,
+            total=sum(len(b) for b in batches),
+        )
+        units = iter(todo)
+        unit, offset, left = None, 0, 0
+        for batch, outs in passes:
+            if left == 0:
+                unit = next(units)
+                offset, left = 0, len(self.plan.shard(*unit))
+            self._write(unit, offset, batch, outs)
+            offset, left = offset + len(batch["index"]), left - 1
+            if left == 0:
+                self._finish(unit)
+
+    def _forward(self, teachers: Any, batch: dict[str, Tensor]) -> list[ModelOutput]:
+        images, outs = batch["image"], None
+        live = self.module.live_teachers
+        for start in range(0, len(images), self.chunk):
+            with live.autocast(images):
+                part = teachers(
+                    images[start : start + self.chunk], stages=self.stages, pooled=self.pooled
+                )
+            outs = part if outs is None else [_cat(a, p) for a, p in zip(outs, part, strict=True)]
+        return outs
+
+    def _array(self, unit: tuple[int, int], what: str, shape: tuple[int, ...], dtype: Any):
+        key = f"{unit}{what}"
+        if key not in self.arrays:
+            rows = sum(len(b) for b in self.plan.shard(*unit))
+            path = self.folder / (_name(*unit, what) + ".partial")
+            self.arrays[key] = np.lib.format.open_memmap(
+                path, mode="w+", dtype=dtype, shape=(rows, *shape)
+            )
+        return self.arrays[key]
+
+    def _write(self, unit, offset: int, batch: dict[str, Tensor], outs: list[ModelOutput]) -> None:
+        rows = slice(offset, offset + len(batch["index"]))
+        e = unit[0]
+        head = self._array(unit, "head", (), _head_dtype(len(self.classifiers), self.k))
+        head["index"][rows] = batch["index"].cpu().numpy()
+        if self.classifiers:
+            logp = torch.stack(
+                [outs[i].logits.float().log_softmax(-1) for i in self.classifiers], 1
+            )
+            if not torch.isfinite(logp).all():
+                raise ConfigError(
+                    f"a teacher gave NaN/inf outputs in epoch {e} of the cache build; nothing "
+                    "was written to the cache folder. Check the data (NaN pixels) and the teachers"
+                )
+            top, idx = logp.topk(self.k, dim=-1)
+            top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
+            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+            head["logp"][rows] = top.cpu().numpy().astype(np.float16)
+            head["classes"][rows] = idx.cpu().numpy().astype(np.int16)
+            head["rest"][rows] = rest.cpu().numpy().astype(np.float16)
+        for i, o in enumerate(outs):
+            features = [("pooled", o.pooled)] if self.pooled else []
+            features += [(f"stage{s}", o.stages[s]) for s in self.stages[i]]
+            for what, value in features:
+                array = value.float().cpu().numpy().astype(np.float16)
+                if not np.isfinite(array).all():
+                    raise ConfigError(
+                        f"teacher {i}'s {what} features are NaN/inf or exceed float16 "
+                        f"(|x| > 65504) in epoch {e}; the cache cannot store them"
+                    )
+                self._array(unit, f"t{i}-{what}", array.shape[1:], np.float16)[rows] = array
+
+    def _finish(self, unit: tuple[int, int]) -> None:
+        prefix = f"{unit}"
+        names = sorted((k for k in self.arrays if k.startswith(prefix)), key=lambda k: "head" in k)
+        for key in names:
+            array = self.arrays.pop(key)
+            array.flush()
+            path = Path(array.filename)
+            del array
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(path, path.with_suffix(""))  # drop ".partial"
+        fsync_folder(self.folder)
+
+
+def _cat(a: ModelOutput, b: ModelOutput) -> ModelOutput:
+    def cat(x, y):
+        return None if x is None else torch.cat([x, y])
+
+    return ModelOutput(
+        logits=cat(a.logits, b.logits),
+        pooled=cat(a.pooled, b.pooled),
+        stages={s: torch.cat([v, b.stages[s]]) for s, v in a.stages.items()},
+    )
+
+
+def _head_dtype(classifiers: int, k: int) -> np.dtype:
+    fields: list[tuple[Any, ...]] = [("index", "<i8")]
+    if classifiers:
+        fields += [
+            ("logp", "<f2", (classifiers, k)),
+            ("classes", "<i2", (classifiers, k)),
+            ("rest", "<f2", (classifiers,)),
+        ]
+    return np.dtype(fields)
+
+
+# ----------------------------------------------------------------------- destination
 def check_cache_destination(out: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that is a file, a non-empty folder that is not a teacher cache, or
     a cache without ``overwrite``: a cache build never deletes what it did not write."""
@@ -213,107 +587,11 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
         os.replace(path, out / path.name)
     fsync_folder(out)
+    if not any(tmp.iterdir()):
+        tmp.rmdir()
 
 
-def _build_into(
-    module: Any,
-    dataset: Any,
-    identity: dict[str, Any],
-    tmp: Path,
-    epochs: int,
-    k: int,
-    k_cls: int,
-    pooled: bool,
-    batch_size: int,
-    progress: bool,
-) -> None:
-    """Write the arrays and the manifest into ``tmp``."""
-    n, m = len(dataset), len(module.teachers)
-    deterministic = identity["augmentation"] is None
-    arrays = {
-        "logp": _memmap(tmp / "logp.npy", (epochs, n, m, k), np.float16),
-        "classes": _memmap(tmp / "classes.npy", (epochs, n, m, k), np.int16),
-        "rest": _memmap(tmp / "rest.npy", (epochs, n, m), np.float16),
-    }
-    if pooled:
-        for i, teacher in enumerate(module.teachers):
-            arrays[f"pooled{i}"] = _memmap(
-                tmp / f"pooled{i}.npy", (epochs, n, teacher.num_features), np.float16
-            )
-    passes = run_over_loader(
-        module.teachers,
-        _replayed_epochs(dataset, epochs, batch_size),
-        lambda teachers, batch: teachers(batch["image"], pooled=pooled),
-        device=module.device,
-        desc="teacher cache",
-        progress=progress,
-        total=epochs * n,
-    )
-    for batch, outs in passes:
-        e, start = int(batch["epoch"][0]), int(batch["position"][0])
-        rows = slice(start, start + len(batch["position"]))
-        logp = torch.stack([o.logits.float().log_softmax(-1) for o in outs], 1)  # (B,M,K)
-        if not torch.isfinite(logp).all():
-            raise ConfigError(
-                f"a teacher gave NaN/inf outputs in epoch {e}, samples {rows.start}.."
-                f"{rows.stop - 1} of the cache build; nothing was written to the cache "
-                "folder. Check the data (NaN pixels) and the teachers"
-            )
-        top, idx = logp.topk(k, dim=-1)
-        top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
-        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-        arrays["logp"][e, rows] = top.cpu().numpy().astype(np.float16)
-        arrays["classes"][e, rows] = idx.cpu().numpy().astype(np.int16)
-        arrays["rest"][e, rows] = rest.cpu().numpy().astype(np.float16)
-        if pooled:
-            for i, o in enumerate(outs):
-                features = o.pooled.float().cpu().numpy().astype(np.float16)
-                if not np.isfinite(features).all():
-                    raise ConfigError(
-                        f"teacher {i}'s pooled features are NaN/inf or exceed float16 "
-                        f"(|x| > 65504) in epoch {e}; the cache cannot store them"
-                    )
-                arrays[f"pooled{i}"][e, rows] = features
-    for a in arrays.values():
-        a.flush()
-    # Source index -> row, so lookups work from the batch's "index" field.
-    np.save(tmp / "source_index.npy", dataset.indices.numpy().astype(np.int64))
-    manifest = {
-        **identity,
-        "epochs": epochs,
-        "top_k": k,
-        "num_classes": k_cls,
-        "pooled": pooled,
-        "deterministic": deterministic,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _replayed_epochs(dataset: Any, epochs: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
-    """``epochs`` passes over ``dataset`` in order, each with that epoch's replayed
-    augmentation; every batch also carries its ``epoch`` and ``position`` (row) ``(B,)``."""
-    n = len(dataset)
-    for e in range(epochs):
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=[(e, i) for i in range(n)])
-        start = 0
-        for batch in loader:
-            size = len(batch["index"])
-            batch["epoch"] = torch.full((size,), e, dtype=torch.long)
-            batch["position"] = torch.arange(start, start + size)
-            start += size
-            yield batch
-
-
-def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-
-_REBUILD = "rebuild it with `visdistill cache --config <your config> --out <dir> --overwrite`"
-
-
+# ----------------------------------------------------------------------- reading
 def _load_array(path: Path, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
     """Memory-map ``path/name``, refusing a missing, truncated or misshapen file."""
     file = path / name
@@ -335,43 +613,22 @@ def _load_array(path: Path, name: str, shape: tuple[int | None, ...]) -> np.ndar
     return array
 
 
-def _chunks(array: np.ndarray, rows: int = 1 << 16):
-    flat = array.reshape(array.shape[0] * array.shape[1], -1) if array.ndim > 1 else array
-    for start in range(0, len(flat), rows):
-        yield np.asarray(flat[start : start + rows])
-
-
-def _check_finite(path: Path, name: str, array: np.ndarray) -> None:
-    """Read the whole array in chunks (a cache is read once per epoch anyway)."""
-    bad = sum(int((~np.isfinite(chunk)).sum()) for chunk in _chunks(array))
-    if bad:
-        raise ConfigError(
-            f"teacher cache {path}: {name} holds {bad} NaN/inf value(s): the file is damaged "
-            f"or the teachers gave non-finite outputs; {_REBUILD}"
-        )
-
-
-def _chunked_range(array: np.ndarray) -> tuple[int, int]:
-    lows, highs = zip(*((int(c.min()), int(c.max())) for c in _chunks(array)), strict=True)
-    return min(lows), max(highs)
-
-
 @dataclass
 class TeacherCache:
-    """A built cache opened for reading (arrays memory-mapped)."""
+    """A built cache opened for reading (shards memory-mapped on first use)."""
 
     path: Path
     manifest: dict[str, Any]
-    logp: np.ndarray
-    classes: np.ndarray
-    rest: np.ndarray
-    pooled: list[np.ndarray]
-    row_of: np.ndarray
+    _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _orders: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TeacherCache:
+        """Open the cache in ``path``: checks the manifest, every file's presence and shape,
+        and that the stored log-probabilities are finite and the classes in range (feature
+        values are checked as they are read)."""
         path = Path(path)
-        manifest_file = path / "manifest.json"
+        manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise ConfigError(
                 f"teacher cache not found: {manifest_file}; build it with "
@@ -379,40 +636,86 @@ class TeacherCache:
             )
         try:
             manifest = json.loads(manifest_file.read_text())
-            epochs, n, k = manifest["epochs"], manifest["train_samples"], manifest["top_k"]
-            n_teachers, k_cls = len(manifest["teacher_names"]), manifest["num_classes"]
-            pooled_on = manifest["pooled"]
+            if manifest.get("format") != FORMAT_VERSION:
+                raise ConfigError(
+                    f"teacher cache {path} has format {manifest.get('format')}, this visdistill "
+                    f"reads format {FORMAT_VERSION}; {_REBUILD}"
+                )
+            shards, epochs = manifest["shards_per_epoch"], manifest["epochs"]
+            manifest["slots_per_epoch"], manifest["shard_slots"], manifest["feature_shapes"]
+            n_cls, k, k_cls = (
+                len(manifest["classifiers"]),
+                manifest["top_k"],
+                manifest["num_classes"],
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
-                f"teacher cache {path}: {MANIFEST} is damaged ({type(e).__name__}: {e}); "
-                "rebuild it with `visdistill cache --config <your config> --out <dir> --overwrite`"
+                f"teacher cache {path}: {MANIFEST} is damaged ({type(e).__name__}: {e}); {_REBUILD}"
             ) from None
-        source = _load_array(path, "source_index.npy", (n,))
-        row_of = np.full(int(source.max()) + 1, -1, dtype=np.int64)
-        row_of[source] = np.arange(len(source))
-        logp = _load_array(path, "logp.npy", (epochs, n, n_teachers, k))
-        classes = _load_array(path, "classes.npy", (epochs, n, n_teachers, k))
-        rest = _load_array(path, "rest.npy", (epochs, n, n_teachers))
-        pooled = [
-            _load_array(path, f"pooled{i}.npy", (epochs, n, None))
-            for i in range(n_teachers if pooled_on else 0)
-        ]
-        for name, array in [("logp.npy", logp), ("rest.npy", rest)] + [
-            (f"pooled{i}.npy", a) for i, a in enumerate(pooled)
-        ]:
-            _check_finite(path, name, array)
-        low, high = _chunked_range(classes)
-        if low < 0 or high >= k_cls:
-            raise ConfigError(
-                f"teacher cache {path}: classes.npy holds class {low if low < 0 else high}, "
-                f"outside 0..{k_cls - 1}: the file is damaged. Rebuild the cache with "
-                "`visdistill cache --config <your config> --out <dir> --overwrite`"
-            )
-        return cls(path, manifest, logp, classes, rest, pooled, row_of)
+        cache = cls(path, manifest)
+        for e in range(epochs):
+            for s in range(shards):
+                rows = cache._rows(s)
+                head = _load_array(path, _name(e, s, "head"), (rows,))
+                if head.dtype != _head_dtype(n_cls, k):
+                    raise ConfigError(
+                        f"teacher cache {path}: {_name(e, s, 'head')} holds other fields "
+                        f"({head.dtype}) than its manifest says; {_REBUILD}"
+                    )
+                for what, shape in manifest["feature_shapes"].items():
+                    _load_array(path, _name(e, s, what), (rows, *shape))
+                if n_cls:
+                    for name in ("logp", "rest"):
+                        bad = int((~np.isfinite(head[name])).sum())
+                        if bad:
+                            raise ConfigError(
+                                f"teacher cache {path}: {_name(e, s, 'head')} holds {bad} "
+                                f"NaN/inf {name} value(s): the file is damaged or the teachers "
+                                f"gave non-finite outputs; {_REBUILD}"
+                            )
+                    classes = head["classes"]
+                    if classes.size and (classes.min() < 0 or classes.max() >= k_cls):
+                        raise ConfigError(
+                            f"teacher cache {path}: {_name(e, s, 'head')} holds class "
+                            f"{int(classes.min() if classes.min() < 0 else classes.max())}, "
+                            f"outside 0..{k_cls - 1}: the file is damaged; {_REBUILD}"
+                        )
+        return cache
 
-    def check(self, module: Any, datamodule: Any, max_epochs: int | None) -> None:
-        """Refuse a cache built for other teachers, data or augmentation, or too few epochs."""
-        current = cache_identity(module, datamodule)
+    def _rows(self, shard: int) -> int:
+        m = self.manifest
+        last = m["slots_per_epoch"] - (m["shards_per_epoch"] - 1) * m["shard_slots"]
+        return last if shard == m["shards_per_epoch"] - 1 else m["shard_slots"]
+
+    def _map(self, name: str) -> np.ndarray:
+        if name not in self._maps:
+            self._maps[name] = np.load(self.path / name, mmap_mode="r")
+        return self._maps[name]
+
+    def _slot_of(self, epoch: int) -> np.ndarray:
+        """Source index -> slot in ``epoch`` (``-1``: not in that epoch)."""
+        if epoch not in self._orders:
+            order = np.concatenate(
+                [
+                    np.asarray(self._map(_name(epoch, s, "head"))["index"])
+                    for s in range(self.manifest["shards_per_epoch"])
+                ]
+            )
+            slot_of = np.full(int(order.max(initial=0)) + 1, -1, dtype=np.int64)
+            slot_of[order] = np.arange(len(order))
+            self._orders[epoch] = slot_of
+            while len(self._orders) > 2:  # the current epoch and the next suffice
+                self._orders.popitem(last=False)
+        return self._orders[epoch]
+
+    def check(
+        self, module: Any, datamodule: Any, max_epochs: int | None, world_size: int | None = None
+    ) -> None:
+        """Refuse a cache built for other teachers, data, augmentation or (with mixup)
+        batching, or for too few epochs."""
+        current = cache_identity(module, datamodule, world_size)
+        if not mixes_batches(current["augmentation"]):
+            current.pop("batching")
         diffs = [
             f"{key}: cache has {self.manifest.get(key)!r}, this run has {value!r}"
             for key, value in current.items()
@@ -430,42 +733,126 @@ class TeacherCache:
                 f"trains {max_epochs}; rebuild with --epochs {max_epochs} --overwrite"
             )
 
+    def check_contents(
+        self, stages: Sequence[Sequence[int]], needs_pooled: bool, names: Sequence[str]
+    ) -> None:
+        """Refuse a cache that lacks pooled features or a stage the terms read."""
+        missing_stages(self.manifest, self.path, stages, needs_pooled, names)
+
     def lookup(self, epoch: int | Tensor, index: Tensor, device: Any = None) -> list[ModelOutput]:
         """Teacher outputs for the samples ``index`` ``(B,)`` in ``epoch`` (one epoch for all,
         or one per sample ``(B,)``): one :class:`ModelOutput` per teacher, ``logits`` being
-        log-probabilities ``(B, K)``."""
-        epochs = self.manifest["epochs"]
-        if self.manifest["deterministic"]:
-            slot: Any = 0
+        log-probabilities ``(B, K)`` (``None`` for a headless teacher), ``pooled`` ``(B, D)``
+        and ``stages`` ``{stage: (B, C, h, w)}`` as stored (float32)."""
+        m = self.manifest
+        epochs, n_batch = m["epochs"], len(index)
+        if m["deterministic"]:
+            ep = np.zeros(n_batch, dtype=np.int64)
         elif isinstance(epoch, Tensor) and epoch.ndim:
-            slot = epoch.cpu().numpy().astype(np.int64)
+            ep = epoch.cpu().numpy().astype(np.int64)
         else:
-            slot = int(epoch)
-        if not self.manifest["deterministic"] and not (0 <= np.min(slot) <= np.max(slot) < epochs):
+            ep = np.full(n_batch, int(epoch), dtype=np.int64)
+        if n_batch and not m["deterministic"] and not (0 <= ep.min() <= ep.max() < epochs):
             raise ConfigError(
                 f"teacher cache {self.path} holds epochs 0..{epochs - 1}, asked for epoch "
-                f"{np.max(slot) if np.max(slot) >= epochs else np.min(slot)}; rebuild it with "
+                f"{ep.max() if ep.max() >= epochs else ep.min()}; rebuild it with "
                 "--epochs <the run's max_epochs> --overwrite"
             )
-        rows = self.row_of[index.cpu().numpy()]
-        if (rows < 0).any():
+        idx = index.cpu().numpy().astype(np.int64)
+        slots = np.empty(n_batch, dtype=np.int64)
+        for e in np.unique(ep):
+            sel = ep == e
+            slot_of = self._slot_of(int(e))
+            found = np.where(
+                idx[sel] < len(slot_of), slot_of[np.minimum(idx[sel], len(slot_of) - 1)], -1
+            )
+            slots[sel] = found
+        if (slots < 0).any():
             raise ConfigError(
                 f"teacher cache {self.path} has no entry for sample(s) "
-                f"{index.cpu()[torch.from_numpy(rows < 0)].tolist()[:5]}"
+                f"{idx[slots < 0].tolist()[:5]} in epoch(s) {sorted(set(ep[slots < 0].tolist()))}"
             )
-        logp = torch.from_numpy(np.asarray(self.logp[slot, rows], dtype=np.float32))
-        classes = torch.from_numpy(np.asarray(self.classes[slot, rows], dtype=np.int64))
-        rest = torch.from_numpy(np.asarray(self.rest[slot, rows], dtype=np.float32))
-        k_cls, k = self.manifest["num_classes"], self.manifest["top_k"]
-        # Non-top-k classes share the remaining mass equally.
-        fill = rest - np.log(max(k_cls - k, 1))
-        full = fill.unsqueeze(-1).expand(*rest.shape, k_cls).clone()
-        full.scatter_(-1, classes, logp)
-        outs = []
-        for i in range(full.shape[1]):
-            pooled = None
-            if self.pooled:
-                pooled = torch.from_numpy(np.asarray(self.pooled[i][slot, rows], dtype=np.float32))
-                pooled = pooled.to(device)
-            outs.append(ModelOutput(logits=full[:, i].to(device), pooled=pooled))
-        return outs
+        shard, row = np.divmod(slots, m["shard_slots"])
+        n_cls, k, k_cls = len(m["classifiers"]), m["top_k"], m["num_classes"]
+        n_teachers = len(m["teacher_names"])
+        head = _gather(self, ep, shard, row, "head")
+        features: dict[str, np.ndarray] = {
+            what: _gather(self, ep, shard, row, what) for what in m["feature_shapes"]
+        }
+        for what, values in features.items():
+            if not np.isfinite(values).all():
+                raise ConfigError(
+                    f"teacher cache {self.path}: {what} features of epoch(s) "
+                    f"{sorted(set(ep.tolist()))} hold NaN/inf: the file is damaged; {_REBUILD}"
+                )
+        logits: dict[int, Tensor] = {}
+        if n_cls:
+            logp = torch.from_numpy(head["logp"].astype(np.float32))
+            classes = torch.from_numpy(head["classes"].astype(np.int64))
+            rest = torch.from_numpy(head["rest"].astype(np.float32))
+            # Non-top-k classes share the remaining mass equally.
+            fill = rest - np.log(max(k_cls - k, 1))
+            full = fill.unsqueeze(-1).expand(*rest.shape, k_cls).clone()
+            full.scatter_(-1, classes, logp)
+            logits = {t: full[:, j].to(device) for j, t in enumerate(m["classifiers"])}
+
+        def feature(what: str) -> Tensor | None:
+            if what not in features:
+                return None
+            return torch.from_numpy(features[what].astype(np.float32)).to(device)
+
+        return [
+            ModelOutput(
+                logits=logits.get(i),
+                pooled=feature(f"t{i}-pooled"),
+                stages={s: feature(f"t{i}-stage{s}") for s in m["stages"][i]},
+            )
+            for i in range(n_teachers)
+        ]
+
+
+def _gather(cache: TeacherCache, ep: np.ndarray, shard: np.ndarray, row: np.ndarray, what: str):
+    """The stored ``what`` of every sample ``(epoch, shard, row)``, in the batch's order; one
+    contiguous read when the batch is one run of one shard (a training batch is)."""
+    groups = sorted({(int(a), int(b)) for a, b in zip(ep, shard, strict=True)})
+    if len(groups) == 1:
+        array = cache._map(_name(*groups[0], what))
+        lo, hi = int(row.min()), int(row.max()) + 1
+        if hi - lo == len(row) and (np.diff(row) == 1).all():
+            return np.array(array[lo:hi])  # a training batch: one sequential read
+        return np.asarray(array[row])
+    out = None
+    for e, s in groups:
+        sel = (ep == e) & (shard == s)
+        values = np.asarray(cache._map(_name(e, s, what))[row[sel]])
+        if out is None:
+            out = np.empty((len(row), *values.shape[1:]), dtype=values.dtype)
+        out[sel] = values
+    return out
+
+
+def missing_stages(
+    manifest: dict[str, Any],
+    path: Path | str,
+    stages: Sequence[Sequence[int]],
+    needs_pooled: bool,
+    names: Sequence[str],
+) -> None:
+    """Refuse, naming what is missing, a cache without the pooled features or a stage of a
+    teacher that the run's terms read (``stages``: per teacher, the indices they read)."""
+    if needs_pooled and not manifest["pooled"]:
+        raise ConfigError(
+            f"a term reads pooled teacher features but the teacher cache {path} has none; "
+            "rebuild it with --pooled --overwrite"
+        )
+    for i, own in enumerate(stages):
+        stored = manifest["stages"][i]
+        depth = manifest["stage_counts"][i]
+        for s in own:
+            if depth == 0 or s % depth not in stored:
+                raise ConfigError(
+                    f"a term reads stage {s} of teacher {names[i]}, but the teacher cache {path} "
+                    f"holds {'stages ' + str(stored) if stored else 'no stages'} of it; rebuild "
+                    "it with --overwrite (the model's terms' stages are stored by default, or "
+                    "give --stages)"
+                )

@@ -9,7 +9,7 @@ have:
   and pooled features the terms asked for.
 - :class:`CachedTeachers` reads the outputs a ``visdistill cache`` build stored for the
   batch's samples (``index``) and epoch (:mod:`visdistill.teacher_cache`): top-``k``
-  log-probabilities and, when built with ``--pooled``, pooled features. It holds no stages.
+  log-probabilities and, when the cache holds them, pooled features and stage feature maps.
 
 A source takes the batch dict a data module yields (``image`` ``(B, 3, H, W)`` in
 ``[0, 1]``, ``target`` ``(B,)``, ``index`` ``(B,)``, optionally ``epoch`` ``(B,)``) and
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -102,15 +103,21 @@ class CachedTeachers:
     """Read the teachers' outputs from a teacher cache instead of running them.
 
     ``logits`` are the cached log-probabilities ``(B, K)`` (the top ``k`` exact, the rest
-    sharing the remaining mass), ``pooled`` the cached features ``(B, D)`` when the cache
-    holds them; there are no stages. Outputs are on the device of the batch's ``index``.
+    sharing the remaining mass; ``None`` for a headless teacher), ``pooled`` the cached
+    features ``(B, D)`` and ``stages`` the cached feature maps ``{stage: (B, C, h, w)}``
+    (under the indices the terms ask for, ``-1`` included) when the cache holds them.
+    Outputs are on the device of the batch's ``index``.
 
     Args:
         cache: an opened :class:`~visdistill.teacher_cache.TeacherCache`.
+        stages: per teacher, the stage indices the terms read (default: none).
     """
 
-    def __init__(self, cache: TeacherCache) -> None:
+    def __init__(
+        self, cache: TeacherCache, stages: Sequence[tuple[int, ...]] | None = None
+    ) -> None:
         self.cache = cache
+        self.stages = [tuple(s) for s in stages] if stages is not None else None
 
     @classmethod
     def open(
@@ -120,34 +127,36 @@ class CachedTeachers:
         datamodule: Any,
         max_epochs: int | None,
         needs_pooled: bool = False,
+        stages: Sequence[tuple[int, ...]] | None = None,
+        world_size: int | None = None,
     ) -> CachedTeachers:
         """Open the cache at ``path`` and refuse it unless it was built for ``module``'s
-        teachers, ``datamodule``'s data and augmentation and at least ``max_epochs``
-        epochs, and holds pooled features when ``needs_pooled``."""
+        teachers, ``datamodule``'s data, augmentation (and, with mixup, batching over
+        ``world_size`` processes) and at least ``max_epochs`` epochs, and holds pooled
+        features when ``needs_pooled`` and every stage in ``stages`` (per teacher)."""
         from .teacher_cache import TeacherCache
 
         cache = TeacherCache.open(path)
-        cache.check(module, datamodule, max_epochs)
-        if needs_pooled and not cache.manifest["pooled"]:
-            raise ConfigError(
-                f"a term reads pooled teacher features but the teacher cache {path} has none; "
-                "rebuild it with --pooled --overwrite"
-            )
-        return cls(cache)
+        cache.check(module, datamodule, max_epochs, world_size)
+        names = [t.name for t in module.teachers]
+        cache.check_contents(stages or [()] * len(names), needs_pooled, names)
+        return cls(cache, stages)
 
     @staticmethod
-    def check_usable(teachers: TeacherEnsemble | None, terms: Sequence[Any]) -> None:
-        """Refuse, at construction, a set-up the cache cannot serve: no teachers, headless
-        teachers, terms that read teacher stages or the teachers' raw logits."""
-        from .teacher_cache import check_classifier_teachers
-
-        check_classifier_teachers(teachers or [])
-        staged = [type(t).__name__ for t in terms if t.teacher_stages]
-        if staged or teachers is None:
+    def check_usable(
+        teachers: TeacherEnsemble | None,
+        terms: Sequence[Any],
+        path: str | os.PathLike | None = None,
+        stages: Sequence[tuple[int, ...]] = (),
+        needs_pooled: bool = False,
+    ) -> None:
+        """Refuse, at construction, a set-up the cache cannot serve: no teachers, terms that
+        read the teachers' raw logits, and (when the cache at ``path`` is already built) a
+        cache without the pooled features or a stage the terms read."""
+        if teachers is None:
             raise ConfigError(
-                "the teacher cache stores teacher logits and pooled features only; "
-                + (f"{', '.join(staged)} read teacher stages" if staged else "no teachers")
-                + ": remove teacher_cache or those terms"
+                "the teacher cache stores the teachers' outputs, but the model has no "
+                "teachers: remove teacher_cache"
             )
         raw = [type(t).__name__ for t in terms if t.needs_teacher_logits]
         if raw:
@@ -156,7 +165,37 @@ class CachedTeachers:
                 "logit_mean), but the teacher cache stores top-k log-probabilities, whose "
                 "mean is not the mean logit; use disc_input: prob, or remove teacher_cache"
             )
+        manifest = _built_manifest(path)
+        if manifest is not None:
+            from .teacher_cache import missing_stages
+
+            missing_stages(manifest, path, stages, needs_pooled, [t.name for t in teachers])
 
     def outputs(self, batch: Mapping[str, Tensor], epoch: int = 0) -> list[ModelOutput]:
         index = batch["index"]
-        return self.cache.lookup(batch.get("epoch", epoch), index, index.device)
+        outs = self.cache.lookup(batch.get("epoch", epoch), index, index.device)
+        if self.stages is None:
+            return outs
+        counts = self.cache.manifest["stage_counts"]
+        for out, own, n in zip(outs, self.stages, counts, strict=True):
+            stored = out.stages
+            out.stages = {s: stored[s % n] for s in own}
+        return outs
+
+
+def _built_manifest(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The manifest of the (current-format) cache at ``path``; ``None`` while it is not
+    built yet (the cache command may build it after the model is made)."""
+    import json
+
+    from .teacher_cache import FORMAT_VERSION, MANIFEST
+
+    if path is None:
+        return None
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return None  # refused with its reason when fit opens it
+    return manifest

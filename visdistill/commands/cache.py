@@ -1,8 +1,9 @@
-"""``visdistill cache``: precompute the teachers' soft targets for replayed augmentations.
+"""``visdistill cache``: precompute the teachers' outputs for replayed augmentations.
 
 The options are :func:`~visdistill.teacher_cache.build_teacher_cache`'s, next to the fit
 config's own (``--config C.yaml``, ``--model.*``, ``--data.*``, ``--trainer.*``), all in one
-LightningCLI parser: a cache config file may hold both.
+LightningCLI parser: a cache config file may hold both. Under ``torchrun`` (``WORLD_SIZE``
+> 1) every process builds its share of the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .lightning import VisdistillCLI
 from .parsing import accept_legacy_spelling, add_function
 
 DESCRIPTION = (
-    "Precompute the teachers' soft targets for E epochs of replayed augmentations; then train "
+    "Precompute the teachers' soft targets (and features) for E epochs of replayed "
+    "augmentations; then train "
     "with --model.teacher_cache DIR. Other options are the fit config's (--config C.yaml, "
     "--data.init_args.train_subset ...)."
 )
@@ -44,6 +46,8 @@ class CacheCLI(VisdistillCLI):
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         check_cache_destination(Path(self.config["out"]), self.config["overwrite"])
+        # The model's teacher_cache is what this command builds, not something to read.
+        self.config["model.teacher_cache"] = None
 
 
 def main(args: list[str]) -> None:
@@ -61,10 +65,25 @@ def main(args: list[str]) -> None:
     finally:
         sys.argv = argv
     cli.datamodule.setup("fit")
+    options = {name: cli.config[name] for name in cli.cache_options}
+    if options.get("train_world_size") is None:
+        options["train_world_size"] = cli.trainer.world_size
+    _init_distributed()
     out = build_teacher_cache(
         cli.model,
         cli.datamodule,
         epochs=cli.config["epochs"] or cli.trainer.max_epochs or 1,
-        **{name: cli.config[name] for name in cli.cache_options},
+        **options,
     )
     print(f"teacher cache written to {out}; train with --model.teacher_cache {out}")
+
+
+def _init_distributed() -> None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): NCCL on GPUs,
+    gloo otherwise."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
