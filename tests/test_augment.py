@@ -173,3 +173,16 @@ def test_normalisation_follows_the_student_s_input_spec(tmp_path):
 def test_bad_augmentation_options_are_one_clear_error(tmp_path, options, message):
     with pytest.raises(ConfigError, match=message):
         ImageFolderDataModule(str(_folder(tmp_path / "train")), **options)
+
+
+@pytest.mark.parametrize("name", ["data_image_folder.yaml", "data_shards.yaml"])
+def test_example_data_configs_parse(name):
+    """The example ``data:`` sections are valid for their class (paths are the user's)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / name).read_text()
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(VisionDataModule, "data")
+    cfg = parser.parse_object(yaml.safe_load(text))
+    assert cfg.data.init_args.auto_augment == "rand-m9-mstd0.5-inc1"
+    assert timm_transform(True, 32, auto_augment=cfg.data.init_args.auto_augment)

@@ -9,7 +9,9 @@ from .data import (
     DigitsDataModule,
     FashionMNISTDataModule,
     ImageFolderDataModule,
+    ShardsDataModule,
     VisionDataModule,
+    convert_image_folder,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
 from .distillers import (
@@ -80,12 +82,14 @@ __all__ = [
     "NonFiniteLossError",
     "PredictionWriter",
     "RunSummary",
+    "ShardsDataModule",
     "Teacher",
     "TeacherEnsemble",
     "UnknownModelError",
     "VisdistillError",
     "VisionDataModule",
     "cka_matrix",
+    "convert_image_folder",
     "create_backbone",
     "ensemble_log_probs",
     "ensemble_probs",
