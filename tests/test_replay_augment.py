@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from visdistill.data.augment import timm_transform
 from visdistill.data.replay import EpochSampler, ReplayTransform, replay_entropy, replayed_rng
+from visdistill.errors import ConfigError
 
 SIZE = 64
 # One entry per augmentation kind; each alone is random, so replaying it is a real check.
@@ -169,3 +170,95 @@ def test_another_process_replays_the_same_images(images, tmp_path):
         mine = [_replayed(k)(images[i], e, i) for e in (0, 7) for i in range(3)]
         assert all(torch.equal(a, b) for a, b in zip(mine, child[k], strict=True)), k
     assert json.dumps(sorted(child)) == json.dumps(sorted(kinds))
+
+
+def _png_folder(root, n: int = 12):
+    """``n`` digits as 64 px PNGs in 2 class folders (even / odd digit)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for k, img in enumerate(digit_images(n)):
+        folder = root / ("even" if digits.target[k] % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"d{k:03d}.png")
+    return root
+
+
+# Every kind at once, and mixing on top: what the shards must reproduce bit for bit.
+FULL = dict(
+    image_size=32,
+    batch_size=4,
+    val_split=2,
+    auto_augment="rand-m9-mstd0.5",
+    re_prob=0.5,
+    re_mode="pixel",
+    mean=(0.5,),
+    std=(0.25,),
+    seed=7,
+)
+
+
+def _batches(dm, epochs=2):
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    out = []
+    for e in range(epochs):
+        loader.sampler.set_epoch(e)
+        out += list(loader)
+    return out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert sorted(x) == sorted(y)
+        assert all(torch.equal(x[k], y[k]) for k in x), [
+            k for k in x if not torch.equal(x[k], y[k])
+        ]
+
+
+def test_image_folder_replays_across_workers_and_instances(tmp_path):
+    from visdistill.data import ImageFolderDataModule
+
+    src = str(_png_folder(tmp_path / "digits"))
+    torch.manual_seed(0)  # the shuffle seed (the run's seed)
+    one = _batches(ImageFolderDataModule(src, **FULL))
+    torch.manual_seed(0)
+    two = _batches(ImageFolderDataModule(src, num_workers=2, **FULL))
+    _same(one, two)
+    assert [int(b["epoch"][0]) for b in one] == [0, 0, 0, 1, 1, 1]
+    # Epoch 1 draws other augmentations for the same samples.
+    by_key = {
+        (int(e), int(i)): x
+        for b in one
+        for e, i, x in zip(b["epoch"], b["index"], b["image"], strict=True)
+    }
+    assert any(not torch.equal(by_key[0, i], by_key[1, i]) for e, i in by_key if e == 0)
+    dm = ImageFolderDataModule(src, **FULL)
+    dm.setup("fit")
+    aug = dm.augmentation()
+    assert aug["kind"] == "timm_create_transform" and aug["seed"] == 7
+    assert aug["auto_augment"] == "rand-m9-mstd0.5" and aug["mean"] == [0.5] * 3
+    assert "mixing" not in aug
+    off = ImageFolderDataModule(src, replay=False, **FULL)
+    off.setup("fit")
+    with pytest.raises(ConfigError, match="replay: true"):
+        off.augmentation()
+    assert "epoch" not in next(iter(off.train_dataloader()))
+
+
+def test_shards_replay_the_folder_batches_with_mixing(tmp_path):
+    """replay: true on shards reads by position: the same augmented, mixed batches as the
+    image folder, in the same order."""
+    from visdistill.data import ImageFolderDataModule, ShardsDataModule, convert_image_folder
+
+    src = _png_folder(tmp_path / "digits")
+    out = tmp_path / "shards"
+    convert_image_folder(src, out, num_workers=1, progress=False)
+    options = {**FULL, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+    torch.manual_seed(0)
+    folder = _batches(ImageFolderDataModule(str(src), **options))
+    torch.manual_seed(0)
+    shard = _batches(ShardsDataModule(str(out), replay=True, num_workers=2, **options))
+    _same(folder, shard)
+    assert folder[0]["target"].shape == (4, 2) and "mix_lam" in folder[0]

@@ -13,14 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from ..errors import ConfigError
 from .base import VisionDataModule
+from .replay import ReplayTransform
 
 ERASING_MODES = ("const", "rand", "pixel")
 
@@ -127,6 +130,12 @@ class TimmAugmentDataModule(VisionDataModule):
         mean, std: the student's normalisation, for RandAugment's fill colour and random
             erasing (``null``: the student's input spec when the data module is attached
             to a distillation run, else ImageNet's).
+        replay: make every random draw of a training sample's augmentation (crop box,
+            flips, RandAugment ops and magnitudes, colour jitter, erasing boxes) a function
+            of ``seed``, the epoch and the sample
+            (:class:`~visdistill.data.replay.ReplayTransform`), in worker processes too;
+            training batches then carry ``epoch`` and the teacher cache can replay them.
+            ``False``: timm's transform draws from the worker's random streams.
         **kwargs: see :class:`~visdistill.data.base.VisionDataModule`.
     """
 
@@ -146,9 +155,11 @@ class TimmAugmentDataModule(VisionDataModule):
         crop_mode: str | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        replay: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.replay = bool(replay)
         for name, p in (("hflip", hflip), ("vflip", vflip), ("re_prob", re_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name} is a probability in [0, 1], got {p}")
@@ -211,3 +222,38 @@ class TimmAugmentDataModule(VisionDataModule):
         return timm_transform(
             train, self.image_size, augment=self.augment, mean=mean, std=std, **self.timm_options
         )
+
+    def _train_transform(self) -> Callable[..., Tensor]:
+        """The training transform: replayed (called as ``t(image, epoch, index)``) when
+        ``replay`` and ``augment``, else timm's as it is."""
+        transform = self._transform(True)
+        if not (self.replay and self.augment):
+            return transform
+        mean, std = self.normalisation()
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in self.timm_options.items()}
+        description = {
+            "kind": "timm_create_transform",
+            "timm": timm.__version__,  # another timm may draw differently
+            "image_size": self.image_size,
+            **options,
+            "mean": list(mean),
+            "std": list(std),
+        }
+        return ReplayTransform(transform, self.seed, description)
+
+    def sample_augmentation(self) -> dict | None:
+        """Description of the replayed training augmentation (``None`` when ``augment`` is
+        off), for cache manifests; refused when it is not replayable."""
+        if not self.augment:
+            return None
+        if not self.replay:
+            raise ConfigError(
+                f"{type(self).__name__} has replay: false, so its training augmentation "
+                "cannot be replayed; set data.init_args.replay: true"
+            )
+        if self.train_set is None:
+            raise ConfigError(f"{type(self).__name__}.augmentation() needs setup('fit') first")
+        return self.train_set.transform.describe()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(epoch_keys=self.replay)

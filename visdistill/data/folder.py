@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..errors import DataNotFoundError
 from .augment import TimmAugmentDataModule
 from .base import UNLABELLED, split_indices, subset, warn_large_subset
+from .replay import apply_keyed
 
 
 class FlatFolder:
@@ -35,13 +36,14 @@ class FlatFolder:
 
 class _IndexedFolder(Dataset):
     """Samples ``indices`` of an image folder as canonical dict samples (``target`` ``-1``
-    when ``labelled`` is false)."""
+    when ``labelled`` is false). Keys are positions, or :class:`EpochSampler`'s
+    ``(epoch, position)`` for a replayed transform (samples then carry ``epoch``)."""
 
     def __init__(
         self,
         folder: ImageFolder | FlatFolder,
         indices: Tensor,
-        transform: Callable[[Image.Image], Tensor],
+        transform: Callable[..., Tensor],
         labelled: bool = True,
     ) -> None:
         self.folder, self.indices, self.transform = folder, indices, transform
@@ -50,8 +52,8 @@ class _IndexedFolder(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        j = int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        j = int(self.indices[key[1] if isinstance(key, tuple) else key])
         path, target = self.folder.samples[j]
         try:
             image = self.folder.loader(path)
@@ -59,10 +61,12 @@ class _IndexedFolder(Dataset):
             raise DataNotFoundError(
                 f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file."
             ) from e
+        image, extra = apply_keyed(self.transform, image, key, j)
         return {
-            "image": self.transform(image),
+            "image": image,
             "target": torch.tensor(target if self.labelled else UNLABELLED),
             "index": torch.tensor(j),
+            **extra,
         }
 
 
@@ -182,7 +186,8 @@ class ImageFolderDataModule(TimmAugmentDataModule):
         self.num_classes = len(open_folder(self.train_dir, "train_dir").classes)
 
     def _indexed(self, folder, indices: Tensor, train: bool) -> _IndexedFolder:
-        return _IndexedFolder(folder, indices, self._transform(train), self.has_labels)
+        transform = self._train_transform() if train else self._transform(False)
+        return _IndexedFolder(folder, indices, transform, self.has_labels)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:

@@ -212,3 +212,19 @@ class ReplayTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed}, transform={self.transform!r})"
+
+
+def apply_keyed(
+    transform: Callable[..., Tensor] | None, image: Any, key: int | tuple[int, int], index: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``transform`` applied to dataset sample ``index`` fetched with ``key`` (an
+    :class:`EpochSampler` ``(epoch, position)`` key, or a plain position taken as epoch 0):
+    a :class:`ReplayTransform` gets ``(image, epoch, index)``, any other transform the image
+    alone. Returns the image and the extra sample fields (``epoch`` for ``(epoch, position)``
+    keys)."""
+    epoch = key[0] if isinstance(key, tuple) else 0
+    if isinstance(transform, ReplayTransform):
+        image = transform(image, epoch, index)
+    elif transform is not None:
+        image = transform(image)
+    return image, ({"epoch": torch.tensor(epoch)} if isinstance(key, tuple) else {})

@@ -43,6 +43,8 @@ from ..errors import ConfigError, DataNotFoundError
 from .augment import TimmAugmentDataModule
 from .base import UNLABELLED, split_indices, subset, warn_large_subset
 from .folder import decode_image, open_folder
+from .mixing import MixupCollate
+from .replay import apply_keyed
 
 MANIFEST = "visdistill_shards.json"
 FORMAT_VERSION = 1
@@ -370,9 +372,10 @@ def _run_optimize(
 
 class _DecodeSample:
     """A shard sample ``{"image": bytes, "target", "index"}`` as a canonical dict sample:
-    the image decoded (RGB) and transformed, ``target`` ``-1`` when not ``labelled``."""
+    the image decoded (RGB) and transformed (left a PIL image when ``transform`` is
+    ``None``), ``target`` ``-1`` when not ``labelled``."""
 
-    def __init__(self, transform: Callable[[Image.Image], Tensor], labelled: bool) -> None:
+    def __init__(self, transform: Callable[[Image.Image], Tensor] | None, labelled: bool) -> None:
         self.transform, self.labelled = transform, labelled
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Tensor]:
@@ -385,7 +388,7 @@ class _DecodeSample:
             ) from e
         target = int(item["target"]) if self.labelled else UNLABELLED
         return {
-            "image": self.transform(image),
+            "image": self.transform(image) if self.transform is not None else image,
             "target": torch.tensor(target),
             "index": torch.tensor(int(item["index"])),
         }
@@ -409,12 +412,30 @@ class _MapStyle(Dataset):
         return self.streaming[i]
 
 
+class _KeyedShards(_MapStyle):
+    """Training samples read by position with :class:`EpochSampler`'s ``(epoch, position)``
+    keys and a replayed transform, keyed by the image's folder position (``replay``): the
+    same images, augmentations and batches as :class:`ImageFolderDataModule` gives."""
+
+    def __init__(self, streaming: Any | None, transform: Callable[..., Tensor]) -> None:
+        super().__init__(streaming)
+        self.transform = transform
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        item = self.streaming[key[1] if isinstance(key, tuple) else key]
+        image, extra = apply_keyed(self.transform, item["image"], key, int(item["index"]))
+        return {**item, "image": image, **extra}
+
+
 class ShardsDataModule(TimmAugmentDataModule):
     """Train from shards written by :func:`convert_image_folder` (LitData).
 
     Training streams the shards: LitData's ``StreamingDataset`` shuffles and splits the
     chunks between DDP ranks and DataLoader workers itself (Lightning adds no
-    DistributedSampler to an iterable data set), so each rank reads only its part.
+    DistributedSampler to an iterable data set), so each rank reads only its part. With
+    ``replay: true`` training reads samples by position instead, in the order and with the
+    replayed augmentation :class:`ImageFolderDataModule` uses (the same batches, what a
+    teacher cache needs), at the price of random reads across the shards.
     Validation and test samples are read by position, split between ranks by Lightning as
     for the other data modules. Batches are ``{"image", "target", "index"}`` with ``index``
     the image's position in the converted folder, as :class:`ImageFolderDataModule` gives.
@@ -424,15 +445,22 @@ class ShardsDataModule(TimmAugmentDataModule):
             seeded split as the folder module) unless ``val_dir``.
         val_dir: optional shards of separate validation images.
         test_dir: optional shards of test images.
+        replay: replayable augmentation and batches (see above); off by default here, since
+            it gives up streaming.
         **kwargs: timm's augmentation options (see
             :class:`~visdistill.data.augment.TimmAugmentDataModule`) and
             :class:`~visdistill.data.base.VisionDataModule`'s (``labels``, ...).
     """
 
     def __init__(
-        self, train_dir: str, val_dir: str | None = None, test_dir: str | None = None, **kwargs
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        replay: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(replay=replay, **kwargs)
         self.train_dir = Path(train_dir)
         self.val_dir = Path(val_dir) if val_dir else None
         self.test_dir = Path(test_dir) if test_dir else None
@@ -457,10 +485,11 @@ class ShardsDataModule(TimmAugmentDataModule):
         return manifest
 
     def _streaming(
-        self, folder: Path, role: str, train: bool, indices: Tensor | None
+        self, folder: Path, role: str, train: bool, indices: Tensor | None, keyed: bool = False
     ) -> Any | None:
         """A ``StreamingDataset`` of ``folder``'s shards (only ``indices`` when given;
-        ``None`` when that is empty)."""
+        ``None`` when that is empty); ``keyed``: in order, images decoded but not
+        transformed (for :class:`_KeyedShards`)."""
         from litdata import StreamingDataset
         from litdata.utilities.train_test_split import subset_dataset
 
@@ -471,10 +500,10 @@ class ShardsDataModule(TimmAugmentDataModule):
             )
         ds = StreamingDataset(
             str(folder.resolve()),
-            shuffle=train,
+            shuffle=train and not keyed,
             # The run's seed (seed_everything): shuffles differ per run, as for the folders.
             seed=torch.initial_seed() % 2**31,
-            transform=_DecodeSample(self._transform(train), self.has_labels),
+            transform=_DecodeSample(None if keyed else self._transform(train), self.has_labels),
         )
         if indices is not None and len(indices) < manifest["num_samples"]:
             if len(indices) == 0:
@@ -493,7 +522,11 @@ class ShardsDataModule(TimmAugmentDataModule):
             else:
                 train_idx, val_idx = split_indices(n, self.val_split, self.seed, self.train_subset)
                 val = self._streaming(self.train_dir, "train_dir", False, val_idx)
-            self.train_set = self._streaming(self.train_dir, "train_dir", True, train_idx)
+            if self.replay:
+                streaming = self._streaming(self.train_dir, "train_dir", True, train_idx, True)
+                self.train_set = _KeyedShards(streaming, self._train_transform())
+            else:
+                self.train_set = self._streaming(self.train_dir, "train_dir", True, train_idx)
             self.val_set = _MapStyle(val)
         if stage in (None, "test", "predict") and self.test_set is None:
             if self.test_dir is None:
@@ -503,11 +536,17 @@ class ShardsDataModule(TimmAugmentDataModule):
             self.test_set = _MapStyle(self._streaming(self.test_dir, "test_dir", False, idx))
 
     def train_dataloader(self) -> DataLoader:
+        if self.replay:
+            return self._train_loader(epoch_keys=True)
         from litdata import StreamingDataLoader
 
+        # Streamed batches carry no epoch: mixup/CutMix draw from the workers' streams.
+        mixer = self.mixer()
         return StreamingDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=MixupCollate(mixer) if mixer is not None else None,
+            drop_last=True if mixer is not None else None,  # None: LitData's default
         )
