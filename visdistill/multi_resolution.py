@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from .errors import ConfigError
@@ -30,9 +30,9 @@ from .models import Backbone, fixed_input_size
 
 def draw_student_size(sizes: Sequence[int], seed: int, step: int) -> int:
     """The student's input side at training step ``step``: one of ``sizes``, drawn uniformly
-    by a generator seeded from ``(seed, step)`` (the global RNG is left alone)."""
-    g = torch.Generator().manual_seed((int(seed) % 2**31) * 2**32 + int(step) % 2**32)
-    return int(sizes[int(torch.randint(len(sizes), (), generator=g))])
+    by a generator seeded from ``(seed, step)`` (numpy's ``SeedSequence`` mixes both; the
+    global RNGs are left alone). ``seed`` and ``step`` are non-negative."""
+    return int(sizes[int(np.random.default_rng([int(seed), int(step)]).integers(len(sizes)))])
 
 
 class StudentSizes:
@@ -59,6 +59,8 @@ class StudentSizes:
             )
         if min(sizes) <= 0:
             raise ConfigError(f"student_sizes must be positive, got {sizes}")
+        if int(seed) < 0:
+            raise ConfigError(f"student_sizes_seed must be >= 0, got {seed}")
         self.sizes, self.seed = sizes, int(seed)
         _check_student(student, sizes)
         fixed = [type(t).__name__ for t in terms if getattr(t, "fixed_student_grid", False)]
@@ -100,14 +102,29 @@ def _check_student(student: Backbone, sizes: list[int]) -> None:
             f"{fixed[0]}x{fixed[1]}, so it cannot train at several sizes; {fix}"
         )
     patch = getattr(patch_embed, "patch_size", None)
-    if patch is not None and not getattr(patch_embed, "dynamic_img_pad", False):
-        bad = [s for s in sizes if s % patch[0] or s % patch[1]]
-        if bad:
-            raise ConfigError(
-                f"student_sizes {bad} are not multiples of the student's patch size "
-                f"{patch[0]}x{patch[1]}; use multiples of it, or add dynamic_img_pad: true to "
-                "the student's model_kwargs (pads each image to a multiple)"
-            )
+    if patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    configured = student.input_spec.size
+    if configured is None:
+        # Evaluation runs at the configured size; the data's size may not fit the patches.
+        raise ConfigError(
+            f"student_sizes: the student {student.name} cuts images into {patch[0]}x"
+            f"{patch[1]} patches, so give it the input_size it is evaluated at (a multiple of "
+            f"{patch[0]}, e.g. input_size: {max(sizes)})"
+        )
+    bad = [s for s in sizes if s % patch[0] or s % patch[1]]
+    bad += (
+        [f"input_size {configured[0]}x{configured[1]}"]
+        if configured[0] % patch[0] or (configured[1] % patch[1])
+        else []
+    )
+    if bad:
+        raise ConfigError(
+            f"student_sizes: {', '.join(map(str, bad))} "
+            f"{'is not a multiple' if len(bad) == 1 else 'are not multiples'} of the student's "
+            f"patch size {patch[0]}x{patch[1]}; use multiples of it, or add dynamic_img_pad: "
+            "true to the student's model_kwargs (pads each image to a multiple)"
+        )
 
 
 def _init_parameters(model: Any) -> set[str]:
