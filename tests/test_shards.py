@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -217,3 +218,71 @@ def test_shards_data_module_refuses_missing_or_foreign_folders(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataNotFoundError, match="convert an image folder first"):
         ShardsDataModule(str(tmp_path / "plain"))
+
+
+class _RecordIndices(L.Callback):
+    """Writes the sample indices each rank trained and validated on to ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.train, self.val = folder, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert batch["image"].shape[1:] == (3, 16, 16) and batch["target"].dtype == torch.int64
+        self.train += batch["index"].tolist()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val += batch["index"].tolist()
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"train": self.train, "val": self.val, "world": trainer.world_size}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def _fit_from_shards(out: Path, root: Path, devices: int) -> list[dict]:
+    from visdistill import DistillationModule, ModelConfig
+
+    student = ModelConfig(
+        name="resnet10t", num_classes=3, model_kwargs=dict(channels=(8, 8, 16, 16), stem_width=8)
+    )
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[_RecordIndices(root)],
+    )
+    data = ShardsDataModule(str(out), val_split=12, image_size=16, batch_size=8)
+    trainer.fit(DistillationModule(student=student), data)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # 2 ddp_spawn processes: ~40 s on 2 busy cores
+    ids=["one_process", "ddp_2_gloo"],
+)
+def test_fit_streams_the_shards(tmp_path, devices):
+    """A Lightning fit from shards: one process trains on every training image once per
+    epoch; two DDP (gloo) processes each stream their own share, validation is split."""
+    out = tmp_path / "shards"
+    convert_image_folder(
+        _digits_folder(tmp_path / "d"), out, num_workers=2, chunk_bytes=1024, progress=False
+    )
+    train_idx, val_idx = (set(x.tolist()) for x in split_indices(60, 12, seed=0))
+    ranks = _fit_from_shards(out, tmp_path, devices)
+    assert [r["world"] for r in ranks] == [devices] * devices
+    if devices == 1:
+        assert sorted(ranks[0]["train"]) == sorted(train_idx)
+        assert sorted(ranks[0]["val"]) == sorted(val_idx)
+        return
+    first, second = (set(r["train"]) for r in ranks)
+    assert not first & second and first | second <= train_idx
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) >= 48 // 2 - 8
+    assert set(ranks[0]["val"]) | set(ranks[1]["val"]) == val_idx
