@@ -225,6 +225,51 @@ def test_export_with_adaptors_through_the_command(cnn_ckpt, tmp_path, capsys):
     assert AgglomerativeStudent.from_export(out).teacher_names == ["vit_tiny_patch16_224", "cnn"]
 
 
+def test_onnx_export_with_adaptors(cnn_ckpt, tmp_path):
+    """``agglomerative.onnx``: the student and its heads in one graph, outputs in each
+    teacher's space, equal to the PyTorch loader's."""
+    ort = pytest.importorskip("onnxruntime")
+    out = export_student(cnn_ckpt, tmp_path / "onnx", format="onnx", with_adaptors=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adaptors.json",
+        "agglomerative.onnx",
+        "config.json",
+        "model.onnx",
+    ]
+    spec = json.loads((out / "adaptors.json").read_text())
+    names = [o["name"] for o in spec["onnx"]["outputs"]]
+    assert names == [
+        "features",
+        "vit_tiny_patch16_224.summary",
+        "vit_tiny_patch16_224.spatial",
+        "cnn.summary",
+        "cnn.spatial",
+    ]
+    assert spec["onnx"]["outputs"][4]["shape"] == ["batch", 256, 2, 2]
+    assert spec["onnx"]["check"]["max_abs_diff"] <= 1e-4
+    assert spec["student"]["weights_file"] == "model.onnx"
+
+    reference = AgglomerativeStudent.from_export(
+        export_student(cnn_ckpt, tmp_path / "timm", with_adaptors=True)
+    )
+    x = reference.preprocess(torch.rand(2, 3, 32, 32))
+    session = ort.InferenceSession(
+        str(out / "agglomerative.onnx"), providers=["CPUExecutionProvider"]
+    )
+    got = dict(zip(names, session.run(names, {"input": x.numpy()}), strict=True))
+    with torch.no_grad():
+        expected = reference(x)
+        features = reference.student_features(x)[0]
+    torch.testing.assert_close(torch.from_numpy(got["features"]), features, atol=1e-4, rtol=0)
+    for teacher, outputs in expected.items():
+        for part, value in outputs.items():
+            torch.testing.assert_close(
+                torch.from_numpy(got[f"{teacher}.{part}"]), value, atol=1e-4, rtol=1e-4
+            )
+    with pytest.raises(CheckpointError, match="is an ONNX export: run agglomerative.onnx"):
+        AgglomerativeStudent.from_export(out)
+
+
 def _without_adaptor_term(checkpoint: str, path, keep_state: bool = False) -> str:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ckpt.pop(KEY, None)  # its digest covers the tensors removed here
@@ -243,8 +288,6 @@ def test_refusals(cnn_ckpt, tmp_path):
     unknown = _without_adaptor_term(cnn_ckpt, tmp_path / "unknown.ckpt", keep_state=True)
     with pytest.raises(CheckpointError, match="do not record the terms' arguments"):
         export_student(unknown, tmp_path / "a", with_adaptors=True)
-    with pytest.raises(ConfigError, match="ONNX export of the heads is not supported"):
-        export_student(cnn_ckpt, tmp_path / "a", format="onnx", with_adaptors=True)
     with pytest.raises(ConfigError, match="not the adaptor heads"):
         export_student(cnn_ckpt, tmp_path / "a", push_to_hub="me/student", with_adaptors=True)
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,14 @@ from .normalizers import make_normalizer
 
 ADAPTORS_WEIGHTS = "adaptors.safetensors"
 ADAPTORS_CONFIG = "adaptors.json"
+ADAPTORS_ONNX = "agglomerative.onnx"
+# The files an export with adaptor heads adds next to the student, per format.
+ADAPTOR_FILES = {
+    "timm": (ADAPTORS_WEIGHTS, ADAPTORS_CONFIG),
+    "onnx": (ADAPTORS_ONNX, ADAPTORS_CONFIG),
+}
+# Output of the ONNX graph holding the student's own pooled features.
+ONNX_FEATURES = "features"
 _FORMAT = "visdistill-adaptors"
 _VERSION = 1
 _HEADS = ("summary_heads", "spatial_heads", "summary_norms", "spatial_norms")
@@ -146,6 +154,12 @@ class AgglomerativeStudent(nn.Module):
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the --out folder of an export")
+        if (folder / ADAPTORS_ONNX).is_file() and not (folder / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"{folder} is an ONNX export: run {ADAPTORS_ONNX} with onnxruntime (its inputs "
+                f"and outputs are listed in {ADAPTORS_CONFIG}), or export the checkpoint again "
+                "with --format timm --with_adaptors to load it here"
+            )
         missing = [
             n
             for n in ("model.safetensors", "config.json", ADAPTORS_WEIGHTS, ADAPTORS_CONFIG)
@@ -224,24 +238,51 @@ class AgglomerativeStudent(nn.Module):
         summary, spatial_map = self.student_features(x)
         out: dict[str, dict[str, Tensor]] = {}
         for m, name in enumerate(self.teacher_names):
-            h, w = grid or self.grids[m]
-            tokens = rearrange(resample_to_grid(spatial_map, (h, w)), "b c h w -> b (h w) c")
-            pred_summary = self.summary_heads[m](summary)  # (B, D_t)
-            pred_spatial = self.spatial_heads[m](tokens)  # (B, h*w, C_t)
+            pred_summary, pred_spatial = self._predict(m, summary, spatial_map, grid)
             if not normalized:
                 pred_summary = self.summary_norms[m].inverse(pred_summary)
                 pred_spatial = self.spatial_norms[m].inverse(pred_spatial)
-            out[name] = {
-                "summary": pred_summary,
-                "spatial": rearrange(pred_spatial, "b (h w) c -> b c h w", h=h, w=w),
-            }
+            out[name] = {"summary": pred_summary, "spatial": pred_spatial}
         return out
+
+    def _predict(
+        self, m: int, summary: Tensor, spatial_map: Tensor, grid: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher ``m``'s heads in the normalised space: ``(B, D_t)``, ``(B, C_t, h, w)``."""
+        h, w = grid or self.grids[m]
+        tokens = rearrange(resample_to_grid(spatial_map, (h, w)), "b c h w -> b (h w) c")
+        pred_spatial = self.spatial_heads[m](tokens)  # (B, h*w, C_t)
+        pred_spatial = rearrange(pred_spatial, "b (h w) c -> b c h w", h=h, w=w)
+        return self.summary_heads[m](summary), pred_spatial
 
     def extra_repr(self) -> str:
         return f"teachers={self.teacher_names}, grids={self.grids}"
 
 
 # ---------------------------------------------------------------------- writing
+
+
+class _OnnxOutputs(nn.Module):
+    """``x`` -> ``(student features (B, D_s), then per teacher summary (B, D_t) and spatial
+    (B, C_t, h_t, w_t) in the teacher's space)``: the tuple the ONNX graph is traced from."""
+
+    def __init__(self, student: AgglomerativeStudent) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        s = self.student
+        summary, spatial_map = s.student_features(x)
+        outputs = [summary]
+        for m in range(len(s.teacher_names)):
+            pred_summary, pred_spatial = s._predict(m, summary, spatial_map)
+            # The normalisers' inverse without inverse()'s checks (a branch on a buffer's
+            # value cannot be traced); the inputs are float32 and channel-last already.
+            outputs.append(s.summary_norms[m]._denormalize(pred_summary))
+            tokens = rearrange(pred_spatial, "b c h w -> b h w c")
+            back = s.spatial_norms[m]._denormalize(tokens)
+            outputs.append(rearrange(back, "b h w c -> b c h w"))
+        return tuple(outputs)
 
 
 @dataclass
@@ -255,8 +296,47 @@ class AdaptorExport:
         """Write ``adaptors.safetensors``, then ``adaptors.json`` (with the sha256 of
         ``out/student_weights``, written before), each atomically."""
         save_safetensors_atomic(self.state, out / ADAPTORS_WEIGHTS, metadata={"format": "pt"})
-        spec = dict(self.spec)
-        spec["student"] = {**spec["student"], "weights_sha256": _sha256(out / student_weights)}
+        self._write_spec(out, dict(self.spec), student_weights)
+
+    def write_onnx(self, out: Path, model: nn.Module, example: Tensor, atol: float) -> None:
+        """Write ``agglomerative.onnx`` (the float32 timm ``model`` and the heads in one
+        graph, outputs in each teacher's space, checked with onnxruntime within ``atol``),
+        then ``adaptors.json`` (with an ``onnx`` section and the sha256 of
+        ``out/model.onnx``)."""
+        from .export import write_onnx
+
+        student = AgglomerativeStudent(model, self.spec)
+        student.load_state_dict({k: v.float() for k, v in self.state.items()}, strict=False)
+        graph = _OnnxOutputs(student.eval())
+        names = [ONNX_FEATURES]
+        for name in student.teacher_names:
+            names += [f"{name}.summary", f"{name}.spatial"]
+        check = write_onnx(graph, out / ADAPTORS_ONNX, example, names, atol)
+        with torch.no_grad():
+            shapes = [tuple(o.shape[1:]) for o in graph(example)]
+        record = asdict(check)
+        for key in ("export_seconds", "check_seconds"):
+            record.pop(key)  # the file depends only on the checkpoint
+        spec = {**self.spec, "weights": None}
+        spec["onnx"] = {
+            "file": ADAPTORS_ONNX,
+            "space": "teacher",
+            "input": {"name": "input", "shape": ["batch", *example.shape[1:]]},
+            "outputs": [
+                {"name": n, "shape": ["batch", *shape]}
+                for n, shape in zip(names, shapes, strict=True)
+            ],
+            "check": record,
+        }
+        self._write_spec(out, spec, "model.onnx")
+
+    @staticmethod
+    def _write_spec(out: Path, spec: dict[str, Any], student_weights: str) -> None:
+        spec["student"] = {
+            **spec["student"],
+            "weights_file": student_weights,
+            "weights_sha256": _sha256(out / student_weights),
+        }
         text = json.dumps(spec, indent=2) + "\n"
         atomic_write(out / ADAPTORS_CONFIG, lambda tmp: Path(tmp).write_text(text))
 

@@ -26,6 +26,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -140,9 +141,11 @@ def export_student(
         onnx_atol: largest ``|onnxruntime - PyTorch|`` output difference an ONNX export may
             have.
         with_adaptors: also write the checkpoint's AdaptorHeads (per teacher, the summary
-            and spatial heads and the normalisers' statistics) as ``adaptors.safetensors`` +
-            ``adaptors.json`` next to the timm folder, for
-            ``visdistill.AgglomerativeStudent.from_export(out_dir)`` (timm format only).
+            and spatial heads and the normalisers' statistics). ``timm``:
+            ``adaptors.safetensors`` + ``adaptors.json`` next to the timm folder, for
+            ``visdistill.AgglomerativeStudent.from_export(out_dir)``. ``onnx``:
+            ``agglomerative.onnx`` (student and heads in one graph, checked like
+            ``model.onnx``; outputs in each teacher's space) + ``adaptors.json``.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -154,7 +157,7 @@ def export_student(
     if format == "onnx":
         _check_onnx_request(dtype, push_to_hub, onnx_atol)
     if with_adaptors:
-        _check_adaptors_request(format, push_to_hub)
+        _check_adaptors_request(push_to_hub)
     if push_to_hub is not None:
         check_hub_target(push_to_hub)
     out = Path(out_dir)
@@ -207,8 +210,10 @@ def export_student(
     else:
         save_safetensors_atomic(state, out / WEIGHTS_FILE["timm"], metadata={"format": "pt"})
     _write_config(model, out / "config.json", model_config, data_config)
-    if adaptors is not None:
-        adaptors.write(out, WEIGHTS_FILE["timm"])
+    if adaptors is not None and format == "onnx":
+        adaptors.write_onnx(out, model, example, onnx_atol)
+    elif adaptors is not None:
+        adaptors.write(out)
     if push_to_hub is not None:
         _push(model, push_to_hub, model_config, data_config, out)
     return out
@@ -221,10 +226,10 @@ def check_export_destination(
     zoo's shipped weights, ...). With ``overwrite``, refuse a folder holding the other
     format's weights file (the new ``config.json`` would not describe it), and, without
     ``with_adaptors``, one holding adaptor heads (they would not match the new student)."""
-    from .agglomerative_student import ADAPTORS_CONFIG, ADAPTORS_WEIGHTS
+    from .agglomerative_student import ADAPTOR_FILES
 
     written = (
-        f"{WEIGHTS_FILE[format]}, config.json, {ADAPTORS_WEIGHTS} and {ADAPTORS_CONFIG}"
+        f"{WEIGHTS_FILE[format]}, config.json, {' and '.join(ADAPTOR_FILES[format])}"
         if with_adaptors
         else f"{WEIGHTS_FILE[format]} and config.json"
     )
@@ -246,7 +251,8 @@ def check_export_destination(
             f"only its {written}, leaving a config.json that may not describe {other[0]}. "
             "Export each format to its own folder"
         )
-    stale = [n for n in (ADAPTORS_CONFIG, ADAPTORS_WEIGHTS) if (out / n).exists()]
+    adaptor_files = sorted({n for names in ADAPTOR_FILES.values() for n in names})
+    stale = [n for n in adaptor_files if (out / n).exists()]
     if stale and not with_adaptors:
         raise CheckpointError(
             f"--out {out} holds {stale[0]} from an earlier export with adaptor heads; "
@@ -289,13 +295,14 @@ def write_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     example: Tensor,
-    output_name: str = "logits",
+    output_name: str | Sequence[str] = "logits",
     atol: float = 1e-4,
 ) -> OnnxCheck:
     """Export ``model`` (eval mode, float32) to ONNX at ``path`` and check it with onnxruntime.
 
     The graph has one input ``"input"`` shaped like ``example`` ``(B, ...)`` with a dynamic
-    batch axis ``B``, and one output ``output_name``. ``torch.onnx.export(dynamo=True)`` is
+    batch axis ``B``, and one output ``output_name`` (or, for a model that returns a tuple
+    of ``(B, ...)`` tensors, one output per name, in order). ``torch.onnx.export(dynamo=True)`` is
     tried first; when it fails (``torch.export`` cannot trace every model) the TorchScript
     exporter is used and the reason recorded. The exported graph is run with onnxruntime on
     random ``N(0, 1)`` batches of sizes 1 and 3 and compared with ``model``: the file is
@@ -315,6 +322,10 @@ def write_onnx(
 
     atomic_write(path, write)
     return result[0]
+
+
+def _output_names(output_name: str | Sequence[str]) -> list[str]:
+    return [output_name] if isinstance(output_name, str) else list(output_name)
 
 
 def _check_onnx_request(dtype: str, push_to_hub: str | None, atol: float) -> None:
@@ -337,15 +348,7 @@ def _check_onnx_request(dtype: str, push_to_hub: str | None, atol: float) -> Non
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'visdistill[onnx]'")
 
 
-def _check_adaptors_request(format: str, push_to_hub: str | None) -> None:
-    if format != "timm":
-        raise ConfigError(
-            "--with_adaptors writes the adaptor heads next to a timm folder (--format timm); "
-            "ONNX export of the heads is not supported (the ONNX export writes and checks a "
-            "graph with one output, and the heads add a summary and a spatial output per "
-            "teacher). Export the timm folder with --with_adaptors, and the plain student "
-            "with --format onnx to another folder"
-        )
+def _check_adaptors_request(push_to_hub: str | None) -> None:
     if push_to_hub is not None:
         raise ConfigError(
             "--push_to_hub uploads timm's two files (model.safetensors + config.json), not the "
@@ -419,10 +422,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _export_onnx(
-    model: nn.Module, example: Tensor, path: str, output_name: str
+    model: nn.Module, example: Tensor, path: str, output_name: str | Sequence[str]
 ) -> tuple[str, str | None]:
     """Write the graph to ``path``; ``(exporter, why the dynamo exporter failed or None)``."""
-    names = {"input_names": [ONNX_INPUT], "output_names": [output_name]}
+    outputs = _output_names(output_name)
+    names = {"input_names": [ONNX_INPUT], "output_names": outputs}
     try:
         program = torch.onnx.export(
             model,
@@ -456,7 +460,7 @@ def _export_onnx(
                 path,
                 dynamo=False,
                 opset_version=_TORCHSCRIPT_OPSET,
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, output_name: {0: "batch"}},
+                dynamic_axes={n: {0: "batch"} for n in (ONNX_INPUT, *outputs)},
                 **names,
             )
     except Exception as e:
@@ -471,7 +475,7 @@ def _check_onnx(
     model: nn.Module,
     path: str,
     example: Tensor,
-    output_name: str,
+    output_name: str | Sequence[str],
     exporter: str,
     reason: str | None,
     atol: float,
@@ -509,15 +513,17 @@ def _check_onnx(
         x = torch.randn(batch, *example.shape[1:], generator=generator)
         with torch.no_grad():
             expected = model(x)
+        expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
         try:
-            got = session.run([output_name], {ONNX_INPUT: x.numpy()})[0]
+            got = session.run(_output_names(output_name), {ONNX_INPUT: x.numpy()})
         except Exception as e:
             raise ExportError(
                 f"onnxruntime cannot run the exported graph on a batch of {batch} ({how}): "
                 f"{_first_line(e)}; export the student with --format timm"
             ) from e
-        diff = (torch.from_numpy(got) - expected).abs().max().item()
-        worst = max(worst, diff) if math.isfinite(diff) else math.inf
+        for g, e in zip(got, expected, strict=True):
+            diff = (torch.from_numpy(g) - e).abs().max().item()
+            worst = max(worst, diff) if math.isfinite(diff) else math.inf
     if not worst <= atol:
         raise ExportError(
             f"the ONNX graph ({how}) differs from PyTorch by up to {worst:.3g} on random "
