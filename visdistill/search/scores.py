@@ -12,7 +12,7 @@ One labelled batch goes through the teacher and the candidate (copies, re-initia
 - relation ``M_r``: the last stage's features before global pooling, compared through their
   ``(B, B)`` batch Gram matrices (:func:`~visdistill.losses.diswot.relation_similarity`).
 
-``score = M_s + M_r`` (the README's combination: equal weights, no normalisation). Both are
+``score = M_s + M_r`` (the official README's combination: equal weights, no normalisation). Both are
 negated distances: **higher is better**, 0 is the best possible value.
 """
 
