@@ -357,6 +357,7 @@ def main() -> None:
         for name in rows
         if seed in (args.seeds if ROWS[name]["group"] in ("a", "b", "c") else args.ablation_seeds)
     ]  # every row's first seed before any row's second: a cut-short run still has every row
+    plan.sort(key=lambda run: ROWS[run[0]]["group"] == "ref")  # references (cheap) last
     print(f"{meta['command']}: {len(plan)} runs, work dir {scratch}", flush=True)
     results: list[dict] = []
     skipped: list[str] = []
