@@ -26,6 +26,8 @@ from .distillers import (
     DistillTerm,
     DisWOT,
     MSTRouting,
+    TermOutput,
+    list_terms,
 )
 from .errors import (
     CheckpointError,
@@ -44,6 +46,7 @@ from .probes import knn_classify, linear_probe, probe_exported
 from .progress import LogLineProgressBar
 from .search import diswot_score
 from .summary import DistillationModelSummary, RunSummary
+from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource
 from .teachers import Teacher, TeacherEnsemble, ensemble_log_probs, ensemble_probs
 
 __version__ = "0.1.0"
@@ -68,6 +71,11 @@ __all__ = [
     "DataNotFoundError",
     "DigitsDataModule",
     "DistillTerm",
+    "TermOutput",
+    "list_terms",
+    "TeacherSource",
+    "LiveTeachers",
+    "CachedTeachers",
     "DistillationModelSummary",
     "DistillationModule",
     "FashionMNISTDataModule",
