@@ -221,7 +221,7 @@ def test_plain_export_of_an_adaptor_checkpoint_is_the_student_alone(cnn_ckpt, tm
 def test_export_with_adaptors_through_the_command(cnn_ckpt, tmp_path, capsys):
     out = tmp_path / "cmd"
     main(["export", cnn_ckpt, "--out", str(out), "--with_adaptors"])
-    assert (out / "adaptors.json").is_file()
+    assert f"with its adaptor heads: {out}/adaptors.safetensors and" in capsys.readouterr().out
     assert AgglomerativeStudent.from_export(out).teacher_names == ["vit_tiny_patch16_224", "cnn"]
 
 

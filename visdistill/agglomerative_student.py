@@ -13,12 +13,13 @@ Kautz, Molchanov, "AM-RADIO: Agglomerative Vision Foundation Model", CVPR 2024).
   of ``model.safetensors``, so heads are never paired with another student's weights.
 
 :meth:`AgglomerativeStudent.from_export` loads the folder; neither the teachers nor the
-checkpoint are needed.
+checkpoint are needed. With ``--format onnx``, ``agglomerative.onnx`` (the student and the
+heads in one graph, outputs in each teacher's space) replaces ``adaptors.safetensors``, and
+``adaptors.json`` lists its outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from .distillers.adaptor import AdaptorHead, resample_to_grid
 from .errors import CheckpointError
 from .models import Backbone, InputSpec, ModelConfig, short_name
 from .normalizers import make_normalizer
+from .zoo import sha256_file
 
 ADAPTORS_WEIGHTS = "adaptors.safetensors"
 ADAPTORS_CONFIG = "adaptors.json"
@@ -49,14 +51,6 @@ ONNX_FEATURES = "features"
 _FORMAT = "visdistill-adaptors"
 _VERSION = 1
 _HEADS = ("summary_heads", "spatial_heads", "summary_norms", "spatial_norms")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _head_dims(head: AdaptorHead) -> dict[str, int]:
@@ -169,7 +163,7 @@ class AgglomerativeStudent(nn.Module):
             hint = (
                 "it is a plain export: export the checkpoint again with --with_adaptors, or "
                 "load the student alone with timm.create_model('local-dir:...', pretrained=True)"
-                if missing[0] == ADAPTORS_WEIGHTS or ADAPTORS_CONFIG in missing
+                if set(missing) <= {ADAPTORS_WEIGHTS, ADAPTORS_CONFIG}
                 else "the export is incomplete: export the checkpoint again"
             )
             raise CheckpointError(f"{folder} lacks {', '.join(missing)}; {hint}")
@@ -187,7 +181,7 @@ class AgglomerativeStudent(nn.Module):
                 f"{folder / ADAPTORS_CONFIG} has version {spec.get('version')!r}; this "
                 f"visdistill reads version {_VERSION}: upgrade visdistill, or export again"
             )
-        digest = _sha256(folder / "model.safetensors")
+        digest = sha256_file(folder / "model.safetensors")
         if digest != spec["student"]["weights_sha256"]:
             raise CheckpointError(
                 f"{folder}/model.safetensors is not the student the adaptor heads were "
@@ -335,7 +329,7 @@ class AdaptorExport:
         spec["student"] = {
             **spec["student"],
             "weights_file": student_weights,
-            "weights_sha256": _sha256(out / student_weights),
+            "weights_sha256": sha256_file(out / student_weights),
         }
         text = json.dumps(spec, indent=2) + "\n"
         atomic_write(out / ADAPTORS_CONFIG, lambda tmp: Path(tmp).write_text(text))

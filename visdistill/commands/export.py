@@ -27,3 +27,8 @@ def main(args: list[str]) -> None:
     out = export_student(out_dir=config.pop("out"), **config)
     weights = WEIGHTS_FILE[config.get("format") or "timm"]
     print(f"exported student to {out}/{weights} and {out}/config.json")
+    if config.get("with_adaptors"):
+        from ..agglomerative_student import ADAPTOR_FILES
+
+        files = ADAPTOR_FILES[config.get("format") or "timm"]
+        print(f"with its adaptor heads: {' and '.join(f'{out}/{n}' for n in files)}")
