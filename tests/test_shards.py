@@ -144,6 +144,9 @@ def test_conversion_refuses_to_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="did not write.*notes.txt"):
         convert_image_folder(src, out, num_workers=1, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine" and (out / "index.json").exists()
+    with pytest.raises(ConfigError, match="chunk_bytes must be .* such as '64MB', got '64XB'"):
+        convert_image_folder(src, tmp_path / "new", chunk_bytes="64XB", progress=False)
+    assert not (tmp_path / "new").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "chunk-0-0.bin").write_bytes(b"someone else's shards")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import io
 import json
@@ -171,6 +172,19 @@ def _check_order(out: Path, n: int) -> None:
         start += size
 
 
+def _check_chunk_bytes(chunk_bytes: int | str) -> None:
+    from litdata.utilities.format import _convert_bytes_to_int
+
+    try:
+        size = chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"chunk_bytes must be a number of bytes or a size such as '64MB', got {chunk_bytes!r}"
+        ) from e
+    if size <= 0:
+        raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes!r}")
+
+
 def convert_image_folder(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -221,6 +235,7 @@ def convert_image_folder(
     }
     if num_workers is not None and num_workers < 1:
         raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
+    _check_chunk_bytes(chunk_bytes)
     settings = {"num_workers": num_workers or os.cpu_count() or 1, "chunk_bytes": chunk_bytes}
 
     previous = None
@@ -310,14 +325,18 @@ def _optimize(
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_optimize_in_group, args=(send, args), daemon=False)
     child.start()
+    error: str | None = ""
     try:
+        # Read while waiting: a long report would fill the pipe and block the child.
+        while error == "" and (child.is_alive() or receive.poll()):
+            if receive.poll(0.2):
+                error = receive.recv()
         child.join()
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)  # the group only holds this conversion
-    error = (
-        receive.recv() if receive.poll() else f"the conversion process exited ({child.exitcode})"
-    )
+    if error == "":
+        error = f"the conversion process exited ({child.exitcode})"
     if error is not None:
         mine = re.search(r"visdistill\.errors\.DataNotFoundError: (.*)", error)
         if mine:
@@ -333,6 +352,9 @@ def _optimize(
 
 
 def _optimize_in_group(send: Any, args: tuple) -> None:
+    # Objects inherited from the caller (a DataLoader's workers ...) are not this process's
+    # to finalise: keep the garbage collector off them.
+    gc.freeze()
     os.setsid()
     try:
         _run_optimize(*args)
