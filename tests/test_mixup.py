@@ -63,6 +63,22 @@ def test_mixing_is_timms(mode, options):
     assert not torch.equal(mixed, batch["image"])  # the input batch is left alone
 
 
+def test_an_odd_batch_leaves_its_last_sample_unmixed():
+    batch = _batch(b=7)
+    np.random.seed(1)
+    mixed, target, lam = BatchMixer(10, **MIX).mix(batch["image"], batch["target"])
+    np.random.seed(1)
+    ref_x, ref_t = Mixup(**MIX, num_classes=10)(batch["image"][:6].clone(), batch["target"][:6])
+    assert torch.equal(mixed[:6], ref_x) and torch.equal(mixed[6], batch["image"][6])
+    torch.testing.assert_close(target[:6], ref_t, rtol=0, atol=1e-6)
+    assert lam[6] == 1 and target[6].argmax() == batch["target"][6]
+    # Without an epoch (a pass outside the training loop): seeded by the first index.
+    del batch["epoch"]
+    state = np.random.get_state()[1].copy()
+    a, b = BatchMixer(10, **MIX)(batch), BatchMixer(10, **MIX)(batch)
+    assert torch.equal(a["image"], b["image"]) and np.array_equal(np.random.get_state()[1], state)
+
+
 def test_mixing_replays_by_seed_epoch_and_first_index():
     mixer = BatchMixer(10, seed=4, **MIX)
     a, b = mixer(_batch()), mixer(_batch())

@@ -36,9 +36,10 @@ from ..errors import ConfigError
 from .replay import replayed_rng
 
 MIXUP_MODES = ("batch", "pair", "elem")
-# Fourth key element of a batch's mixing draws: never the key of a sample's own draws
-# (seed, epoch, index), even for the batch's first sample.
-MIX_STREAM = 1
+# Last key element of a batch's mixing draws: never the key of a sample's own draws
+# (seed, epoch, index), even for the batch's first sample. Batches without an epoch (streamed
+# shards, a pass over the training set outside the training loop) get their own stream.
+MIX_STREAM, MIX_STREAM_NO_EPOCH = 1, 2
 
 
 class BatchMixer:
@@ -111,7 +112,11 @@ class BatchMixer:
         )
 
     def mix(self, images: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mix ``images`` ``(B, C, H, W)`` (``B`` even) with the current global RNGs.
+        """Mix ``images`` ``(B, C, H, W)`` with the current global RNGs.
+
+        timm pairs sample ``i`` with ``B-1-i`` and needs an even ``B``; the training loader
+        drops the last, short batch, and in an odd batch from elsewhere the last sample is
+        left unmixed.
 
         Returns:
             ``(mixed images (B, C, H, W), target, lam (B,))``: ``target`` is timm's soft
@@ -119,31 +124,35 @@ class BatchMixer:
             data has no labels (every target negative).
         """
         b = len(images)
-        if b % 2:
-            raise ConfigError(
-                f"mixup/CutMix pairs sample i with sample B-1-i and needs an even batch, got "
-                f"{b}; use an even batch_size (the training loader drops the last, short batch)"
-            )
-        mixed, weights = self._timm(b)(images.clone(), torch.arange(b))
-        lam = weights.diagonal().clone()
+        pairs = b - b % 2
+        if pairs == 0:
+            return images.clone(), target, torch.ones(b)
+        mixed, weights = self._timm(pairs)(images[:pairs].clone(), torch.arange(pairs))
+        lam = torch.ones(b, dtype=weights.dtype)
+        lam[:pairs] = weights.diagonal()
+        if pairs < b:
+            mixed = torch.cat([mixed, images[pairs:]])
         if target.ndim == 1 and bool((target >= 0).all()):
-            target = mixup_target(
-                target, self.num_classes, lam.unsqueeze(1), self.options["label_smoothing"]
-            )
+            smoothing = self.options["label_smoothing"]
+            soft = mixup_target(target[:pairs], self.num_classes, lam[:pairs, None], smoothing)
+            if pairs < b:  # the unmixed last sample: its smoothed one-hot
+                rest = mixup_target(target[pairs:], self.num_classes, 1.0, smoothing)
+                soft = torch.cat([soft, rest])
+            target = soft
         return mixed, target, lam
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``batch`` with its images mixed and its target soft, under the RNG seeded by
-        ``(seed, epoch, index of the first sample, MIX_STREAM)`` (the global RNGs when
-        the batch has no ``epoch``: not replayable)."""
-        out = dict(batch)
+        ``(seed, epoch, index of the first sample, MIX_STREAM)``; a batch without ``epoch``
+        by ``(seed, index of the first sample, MIX_STREAM_NO_EPOCH)``. The caller's random
+        streams are left as they were."""
+        first = int(batch["index"][0])
         if "epoch" in batch:
-            key = (self.seed, int(batch["epoch"][0]), int(batch["index"][0]), MIX_STREAM)
-            with replayed_rng(*key):
-                out["image"], out["target"], out["mix_lam"] = self.mix(
-                    batch["image"], batch["target"]
-                )
+            key = (self.seed, int(batch["epoch"][0]), first, MIX_STREAM)
         else:
+            key = (self.seed, first, MIX_STREAM_NO_EPOCH)
+        out = dict(batch)
+        with replayed_rng(*key):
             out["image"], out["target"], out["mix_lam"] = self.mix(batch["image"], batch["target"])
         return out
 
