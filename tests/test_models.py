@@ -164,3 +164,22 @@ def test_export_records_a_fixed_size_without_patch_embed(tmp_path):
     out = export_student(tmp_path / "m.ckpt", tmp_path / "export")
     cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
     assert cfg["fixed_input_size"] is True and cfg["input_size"] == [3, 32, 32]
+
+
+def test_backbone_takes_a_model_config_or_its_fields_and_names_a_misspelt_one():
+    from visdistill.errors import ConfigError
+    from visdistill.models import ModelConfig
+
+    fields = dict(num_classes=3, input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    by_fields = Backbone("resnet10t", **fields)
+    torch.manual_seed(0)
+    by_config = Backbone(ModelConfig(name="resnet10t", **fields))
+    assert by_fields.config == by_config.config
+    assert by_fields.input_spec == by_config.input_spec
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(by_fields.eval()(x).logits, by_config.eval()(x).logits)
+    # Keywords override a config's values.
+    assert Backbone(by_config.config, num_classes=5).num_classes == 5
+    with pytest.raises(ConfigError, match=r"'num_clases' \(did you mean num_classes\?\)"):
+        Backbone("resnet10t", num_clases=3)

@@ -13,8 +13,9 @@ MLP tokens are reshaped to their patch grid).
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -112,7 +113,32 @@ class ModelOutput:
 
 @dataclass
 class ModelConfig:
-    """A model as a user names it in YAML; see :class:`Backbone` for the fields."""
+    """A model as a user names it in YAML (a teacher or the student), and the one list of
+    :class:`Backbone`'s options.
+
+    Attributes:
+        name: any ``timm.create_model`` name (``resnet18``, ``hf-hub:timm/...``,
+            ``local-dir:/path``), or ``zoo:<entry>`` for visdistill's zoo. A zoo entry *is*
+            its weights: they load (sha256-verified) unless ``checkpoint`` is given, and its
+            input spec and ``model_kwargs`` are the defaults.
+        num_classes: classifier width; ``None`` keeps timm's default.
+        pretrained: load timm's default weights (hub or cache).
+        checkpoint: a local ``.safetensors`` or torch state dict to load (wins over
+            ``pretrained``); ``module.``/``model.`` prefixes are stripped.
+        input_size: side (or ``(H, W)``) the model runs at. Default: the fixed
+            size of models that have one (:func:`fixed_input_size`: ViT, Swin, MLP-Mixer,
+            LeViT ...), else the data's own size.
+        mean, std, interpolation: default from timm's ``pretrained_cfg``.
+        in_chans: 3, or 1 for grayscale models.
+        model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
+            ``depth``, ``drop_path_rate`` ...).
+        allow_unverified: accept a zoo entry whose manifest has no sha256.
+        allow_new_head: accept pretrained or zoo weights whose classifier has another
+            ``num_classes`` as a *teacher* (its new classifier is random, so its soft targets
+            are noise; fine when only its features are used). Students always accept it.
+        alias: a short name for logs, metric keys and summaries (``val/<alias>_acc``);
+            default: :func:`short_name` of ``name``.
+    """
 
     name: str
     num_classes: int | None = None
@@ -127,6 +153,26 @@ class ModelConfig:
     allow_unverified: bool = False
     allow_new_head: bool = False
     alias: str | None = None
+
+
+def model_config(name: str | ModelConfig, **fields: Any) -> ModelConfig:
+    """``name`` as a :class:`ModelConfig`, with ``fields`` replacing its values; an unknown
+    field is a :class:`ConfigError` naming the close matches."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        hints = {k: close_matches(k, known) for k in unknown}
+        raise ConfigError(
+            "unknown model option(s) "
+            + ", ".join(
+                f"{k!r}" + (f" (did you mean {', '.join(h)}?)" if h else "")
+                for k, h in hints.items()
+            )
+            + f"; a model takes {sorted(known)}"
+        )
+    if isinstance(name, ModelConfig):
+        return dataclasses.replace(name, **fields) if fields else name
+    return ModelConfig(name=name, **fields)
 
 
 def check_model_name(name: str) -> None:
@@ -190,46 +236,21 @@ class Backbone(nn.Module):
     """A timm classifier that preprocesses its own input and exposes stage features.
 
     Args:
-        name: any ``timm.create_model`` name (``resnet18``, ``hf-hub:timm/...``,
-            ``local-dir:/path``), or ``zoo:<entry>`` for visdistill's zoo. A zoo entry *is*
-            its weights: they load (sha256-verified) unless ``checkpoint`` is given, and its
-            input spec and ``model_kwargs`` are the defaults.
-        num_classes: classifier width; ``None`` keeps timm's default.
-        pretrained: load timm's default weights (hub or cache).
-        checkpoint: a local ``.safetensors`` or torch state dict to load (wins over
-            ``pretrained``); ``module.``/``model.`` prefixes are stripped.
-        input_size: side (or ``(H, W)``) the model runs at. Default: the fixed
-            size of models that have one (:func:`fixed_input_size`: ViT, Swin, MLP-Mixer,
-            LeViT ...), else the data's own size.
-        mean, std, interpolation: default from timm's ``pretrained_cfg``.
-        in_chans: 3, or 1 for grayscale models.
-        model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``patch_size``,
-            ``depth``, ``drop_path_rate`` ...).
-        allow_unverified: accept a zoo entry whose manifest has no sha256.
-        allow_new_head: accept pretrained or zoo weights whose classifier has another
-            ``num_classes`` as a *teacher* (its new classifier is random, so its soft targets
-            are noise; fine when only its features are used). Students always accept it.
-        alias: a short name for logs, metric keys and summaries (``val/<alias>_acc``);
-            default: :func:`short_name` of ``name``.
+        name: a :class:`ModelConfig`, or the model's name (any ``timm.create_model`` name,
+            ``hf-hub:timm/...``, ``local-dir:/path`` or ``zoo:<entry>``) with
+            :class:`ModelConfig`'s other fields as keywords:
+            ``Backbone("resnet18", num_classes=10)``.
     """
 
-    def __init__(
-        self,
-        name: str,
-        num_classes: int | None = None,
-        pretrained: bool = False,
-        checkpoint: str | None = None,
-        input_size: int | tuple[int, int] | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        interpolation: str | None = None,
-        in_chans: int = 3,
-        model_kwargs: dict[str, Any] | None = None,
-        allow_unverified: bool = False,
-        allow_new_head: bool = False,
-        alias: str | None = None,
-    ) -> None:
+    def __init__(self, name: str | ModelConfig, **fields: Any) -> None:
         super().__init__()
+        config = model_config(name, **fields)
+        self.config = config
+        name, num_classes, pretrained = config.name, config.num_classes, config.pretrained
+        checkpoint, input_size, in_chans = config.checkpoint, config.input_size, config.in_chans
+        mean, std, interpolation = config.mean, config.std, config.interpolation
+        model_kwargs, alias = config.model_kwargs, config.alias
+        allow_unverified, allow_new_head = config.allow_unverified, config.allow_new_head
         check_model_name(name)
         self.name = name
         if alias is not None and not _ALIAS.fullmatch(alias):
@@ -303,7 +324,7 @@ class Backbone(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig) -> Backbone:
         """Build from a :class:`ModelConfig` (what YAML files hold)."""
-        return cls(**asdict(config))
+        return cls(config)
 
     def _resolve_input_spec(self, input_size, mean, std, interpolation, in_chans) -> InputSpec:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
