@@ -121,6 +121,7 @@ def _fit(module, tmp_path, epochs=2):  # fit without validation
     return trainer
 
 
+@pytest.mark.slow  # 50 s; test_teacher_cache_v2 compares 20 steps of cached and live fits
 def test_cached_training_never_runs_teachers_and_matches_live_training(tmp_path, monkeypatch):
     def data():
         dm = DigitsDataModule(batch_size=64, train_subset=800, val_split=400)

@@ -236,6 +236,7 @@ def build_teacher_cache(
     train_world_size: int | None = None,
     shard_size: int = 8192,
     device: str | None = None,
+    logits_dtype: str = "float16",
 ) -> Path:
     """Run the module's teachers over ``epochs`` epochs of the data module's training batches
     and store what the distillation terms read from them.
@@ -270,6 +271,9 @@ def build_teacher_cache(
             build redoes at most one shard per process.
         device: where the teachers run (``cuda``, ``cuda:1``, ``cpu``); default: where the
             model is, or this process's GPU under ``torch.distributed`` with CUDA.
+        logits_dtype: ``float16`` (rounds a log-probability to 2^-11 of its size) or
+            ``float32`` (exact targets, 2 more bytes per class kept) for the stored
+            log-probabilities.
     """
     out = Path(out)
     check_cache_destination(out, overwrite)
@@ -288,6 +292,8 @@ def build_teacher_cache(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if int(shard_size) < 1:
         raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    if logits_dtype not in ("float16", "float32"):
+        raise ConfigError(f"logits_dtype must be 'float16' or 'float32', got {logits_dtype!r}")
     if train_world_size is not None and int(train_world_size) < 1:
         raise ConfigError(f"train_world_size must be >= 1, got {train_world_size}")
     rank, world = _dist()
@@ -336,6 +342,7 @@ def build_teacher_cache(
         "stages": [list(s) for s in wanted],
         "stage_counts": [len(t.feature_info) for t in module.teachers],
         "feature_dtype": "float16",
+        "logits_dtype": logits_dtype,
         "slots_per_epoch": plan.slots,
         "shard_slots": plan.shard_slots,
         "shards_per_epoch": plan.shards,
@@ -416,6 +423,7 @@ class _ShardWriter:
     ) -> None:
         self.folder, self.plan, self.module, self.chunk = folder, plan, module, chunk
         self.k, self.classifiers = description["top_k"], description["classifiers"]
+        self.head_dtype = _head_dtype(len(self.classifiers), self.k, description["logits_dtype"])
         self.pooled, self.stages = description["pooled"], [tuple(s) for s in description["stages"]]
         self.arrays: dict[str, np.memmap] = {}
 
@@ -476,7 +484,7 @@ class _ShardWriter:
     def _write(self, unit, offset: int, batch: dict[str, Tensor], outs: list[ModelOutput]) -> None:
         rows = slice(offset, offset + len(batch["index"]))
         e = unit[0]
-        head = self._array(unit, "head", (), _head_dtype(len(self.classifiers), self.k))
+        head = self._array(unit, "head", (), self.head_dtype)
         head["index"][rows] = batch["index"].cpu().numpy()
         if self.classifiers:
             logp = torch.stack(
@@ -490,9 +498,9 @@ class _ShardWriter:
             top, idx = logp.topk(self.k, dim=-1)
             top = top.clamp(min=-6e4)  # p ~ 0 stays finite in float16
             rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-            head["logp"][rows] = top.cpu().numpy().astype(np.float16)
+            head["logp"][rows] = top.cpu().numpy()
             head["classes"][rows] = idx.cpu().numpy().astype(np.int16)
-            head["rest"][rows] = rest.cpu().numpy().astype(np.float16)
+            head["rest"][rows] = rest.cpu().numpy()
         for i, o in enumerate(outs):
             features = [("pooled", o.pooled)] if self.pooled else []
             features += [(f"stage{s}", o.stages[s]) for s in self.stages[i]]
@@ -530,13 +538,14 @@ def _cat(a: ModelOutput, b: ModelOutput) -> ModelOutput:
     )
 
 
-def _head_dtype(classifiers: int, k: int) -> np.dtype:
+def _head_dtype(classifiers: int, k: int, logits_dtype: str) -> np.dtype:
     fields: list[tuple[Any, ...]] = [("index", "<i8")]
+    f = "<f2" if logits_dtype == "float16" else "<f4"
     if classifiers:
         fields += [
-            ("logp", "<f2", (classifiers, k)),
+            ("logp", f, (classifiers, k)),
             ("classes", "<i2", (classifiers, k)),
-            ("rest", "<f2", (classifiers,)),
+            ("rest", f, (classifiers,)),
         ]
     return np.dtype(fields)
 
@@ -642,7 +651,12 @@ class TeacherCache:
                     f"reads format {FORMAT_VERSION}; {_REBUILD}"
                 )
             shards, epochs = manifest["shards_per_epoch"], manifest["epochs"]
-            manifest["slots_per_epoch"], manifest["shard_slots"], manifest["feature_shapes"]
+            (
+                manifest["slots_per_epoch"],
+                manifest["shard_slots"],
+                manifest["feature_shapes"],
+                manifest["logits_dtype"],
+            )
             n_cls, k, k_cls = (
                 len(manifest["classifiers"]),
                 manifest["top_k"],
@@ -657,7 +671,7 @@ class TeacherCache:
             for s in range(shards):
                 rows = cache._rows(s)
                 head = _load_array(path, _name(e, s, "head"), (rows,))
-                if head.dtype != _head_dtype(n_cls, k):
+                if head.dtype != _head_dtype(n_cls, k, manifest["logits_dtype"]):
                     raise ConfigError(
                         f"teacher cache {path}: {_name(e, s, 'head')} holds other fields "
                         f"({head.dtype}) than its manifest says; {_REBUILD}"

@@ -1,0 +1,353 @@
+"""The teacher cache built from the data module's own training loader: exact for every
+replayable augmentation (crop+flip, timm RandomResizedCrop/RandAugment/erasing, mixup and
+CutMix), with pooled features and stage maps for feature terms, the same bytes from one or
+two builder processes, resumable after a kill, and refusing runs it was not built for."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import CNN, VIT
+
+from visdistill import KD, TRG, ConfigError, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill.teacher_cache import TeacherCache, build_teacher_cache
+from visdistill.teacher_source import CachedTeachers
+from visdistill.teachers import TeacherEnsemble
+
+DIGITS = dict(batch_size=16, train_subset=96, val_split=32)
+MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5)
+
+
+def _module(terms=None, teachers=(CNN, VIT), student=CNN, **kw) -> DistillationModule:
+    torch.manual_seed(0)  # the same random teachers every time
+    return DistillationModule(
+        student=ModelConfig(**student),
+        teachers=[ModelConfig(**t) for t in teachers],
+        terms=terms if terms is not None else [KD(temperature=2.0)],
+        eval_teachers=False,
+        **kw,
+    )
+
+
+def _digits(**kw) -> DigitsDataModule:
+    dm = DigitsDataModule(**{**DIGITS, **kw})
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory) -> Path:
+    """80 digits as 32 px RGB PNGs in class folders (an image folder to decode)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("pngs") / "train"
+    digits = load_digits()
+    for i in range(80):
+        img = (digits.images[i] * 255 / 16).astype(np.uint8)
+        folder = root / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").resize((32, 32), Image.BILINEAR).save(
+            folder / f"{i}.png"
+        )
+    return root
+
+
+def _folder(root: Path, **kw):
+    from visdistill import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(
+        train_dir=str(root), image_size=32, batch_size=16, val_split=16, **kw
+    )
+    dm.setup("fit")
+    return dm
+
+
+def _worst_differences(module, dm, cache_dir, epochs, stages) -> tuple[float, float, int]:
+    """Iterate the data module's real training loader, as a fit does, and compare the live
+    teachers on each batch with the cache: the largest top-k log-probability error (where
+    the live log-probability is above -8, the range fp16 stores to 2e-3) and the largest
+    feature error relative to fp16's rounding; the number of samples compared."""
+    cache = TeacherCache.open(cache_dir)
+    loader = dm.train_dataloader()
+    worst_logp, worst_feature, seen = 0.0, 0.0, 0
+    for e in range(epochs):
+        loader.sampler.set_epoch(e)
+        for batch in loader:
+            live = module.teachers(batch["image"], stages=stages, pooled=True)
+            read = cache.lookup(batch["epoch"], batch["index"])
+            for out, got in zip(live, read, strict=True):
+                if out.logits is not None:
+                    logp = out.logits.log_softmax(-1)
+                    keep = logp > -8
+                    worst_logp = max(worst_logp, float((got.logits - logp)[keep].abs().max()))
+                pairs = [(out.pooled, got.pooled)] + [
+                    (out.stages[s], got.stages[s]) for s in out.stages
+                ]
+                for want, have in pairs:
+                    if have is None:
+                        continue
+                    # fp16 rounds to half a unit in the last place: 2^-11 relative.
+                    err = (have - want).abs() / (want.abs() * 2.0**-11 + 6e-8)
+                    worst_feature = max(worst_feature, float(err.max()))
+            seen += len(batch["index"])
+    return worst_logp, worst_feature, seen
+
+
+AUGMENTATIONS = {
+    "crop_flip": lambda root: _digits(),
+    "crop_flip_mixup_cutmix": lambda root: _digits(**MIX),
+    "timm_rrc_randaugment_erasing": lambda root: _folder(
+        root, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.5
+    ),
+    "timm_with_mixup_cutmix": lambda root: _folder(
+        root, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.25, **MIX
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(AUGMENTATIONS))
+def test_cached_outputs_equal_live_teachers_on_the_training_loader_s_images(
+    kind, png_folder, tmp_path
+):
+    L.seed_everything(0)  # the shuffle seed fixes the batches mixup mixes
+    module, dm = _module(), AUGMENTATIONS[kind](png_folder)
+    stages = [(3,), (1,)]
+    out = build_teacher_cache(
+        module, dm, tmp_path / "c", epochs=2, top_k=10, pooled=True, stages=[[3], [1]],
+        progress=False, shard_size=32,
+    )  # fmt: skip
+    manifest = TeacherCache.open(out).manifest
+    assert manifest["shards_per_epoch"] > 1 and manifest["stages"] == [[3], [1]]
+    logp, feature, seen = _worst_differences(module, dm, out, 2, stages)
+    assert seen >= 2 * 64
+    assert logp <= 2e-3, logp
+    assert feature <= 1.01, feature  # within fp16's rounding (plus float32 noise)
+
+
+def _losses(module, dm, tmp_path, steps=20) -> list[float]:
+    losses = []
+    original = module.compute_losses
+
+    def record(batch):
+        total, parts, student = original(batch)
+        losses.append(total.detach().item())
+        return total, parts, student
+
+    module.compute_losses = record
+    trainer = L.Trainer(
+        max_epochs=4, max_steps=steps, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, dm)
+    return losses
+
+
+def _cached_vs_live(tmp_path, monkeypatch, terms, data, epochs, **build):
+    """Losses of the first 20 steps of a live fit and of a fit from a cache built first.
+
+    The student is a ViT: a BatchNorm CNN student at batch 16 is chaotic enough that two fits
+    whose targets differ by float32 rounding alone (a log_softmax of log-probabilities
+    instead of logits, 1e-7) part by 1e-2 within 20 steps, with Adam or SGD; a LayerNorm
+    student keeps them within 1e-4 (measured), so the comparison sees the cache."""
+    student = {"student": VIT}
+    L.seed_everything(0)
+    cache = build_teacher_cache(
+        _module(terms(), **student),
+        data(),
+        tmp_path / "cache",
+        epochs=epochs,
+        progress=False,
+        **build,
+    )
+    L.seed_everything(0)
+    live = _losses(_module(terms(), **student), data(), tmp_path)
+    L.seed_everything(0)
+    cached_module = _module(terms(), teacher_cache=str(cache), **student)
+    with monkeypatch.context() as m:
+        m.setattr(TeacherEnsemble, "forward", _no_teachers)
+        cached = _losses(cached_module, data(), tmp_path)
+    return live, cached
+
+
+def _no_teachers(*a, **k):
+    raise AssertionError("a teacher ran during cached training")
+
+
+def test_first_20_steps_of_a_cached_kd_fit_equal_the_live_fit(tmp_path, monkeypatch):
+    live, cached = _cached_vs_live(
+        tmp_path, monkeypatch, lambda: [KD(temperature=2.0)], lambda: DigitsDataModule(**DIGITS), 4
+    )
+    assert len(live) == len(cached) == 20
+    assert max(abs(a - b) for a, b in zip(live, cached, strict=True)) < 1e-3, (live, cached)
+
+
+def test_first_20_steps_of_a_cached_feature_term_fit_equal_the_live_fit(tmp_path, monkeypatch):
+    """TRG reads the teachers' last stage maps: served from the cache's fp16 maps."""
+    live, cached = _cached_vs_live(
+        tmp_path, monkeypatch,
+        lambda: [KD(temperature=2.0), TRG(teacher_stage=-1, grid=2, tokens_per_image=4, k=4)],
+        lambda: DigitsDataModule(**DIGITS), 4,
+    )  # fmt: skip
+    assert len(live) == len(cached) == 20
+    assert max(abs(a - b) for a, b in zip(live, cached, strict=True)) < 1e-3, (live, cached)
+
+
+def test_first_20_steps_of_a_cached_mixup_fit_equal_the_live_fit(tmp_path, monkeypatch):
+    live, cached = _cached_vs_live(
+        tmp_path, monkeypatch, lambda: [KD(temperature=2.0)],
+        lambda: DigitsDataModule(**DIGITS, **MIX), 4,
+    )  # fmt: skip
+    assert len(live) == len(cached) == 20
+    assert max(abs(a - b) for a, b in zip(live, cached, strict=True)) < 1e-3, (live, cached)
+
+
+# ----------------------------------------------------------------------- sharded, resumable
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+BUILD = dict(epochs=2, top_k=5, pooled=True, stages=[[3], []], shard_size=32, progress=False)
+
+
+def _rank_build(rank: int, world: int, store: str, out: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+        )
+        build_teacher_cache(_module(), _digits(**MIX), out, **BUILD)
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_two_process_gloo_build_equals_the_one_process_build(tmp_path):
+    one = build_teacher_cache(_module(), _digits(**MIX), tmp_path / "one", **BUILD)
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_rank_build, args=(r, 2, str(tmp_path / "store"), str(tmp_path / "two")))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    # manifest + 2 epochs x 3 shards x (head, 2 pooled, 1 stage map)
+    assert len(_hashes(one)) == 1 + 2 * 3 * 4
+    assert _hashes(tmp_path / "two") == _hashes(one)
+
+
+def _killed_build(out: str, n: int) -> None:
+    """Build, SIGKILLed at the ``n``-th teacher forward."""
+    try:
+        torch.set_num_threads(1)
+        count, forward = [0], TeacherEnsemble.forward
+
+        def counted(self, *a, **k):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forward(self, *a, **k)
+
+        TeacherEnsemble.forward = counted
+        build_teacher_cache(_module(), _digits(), out, **BUILD)
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+def test_a_killed_build_resumes_from_its_complete_shards_to_the_same_files(tmp_path, monkeypatch):
+    reference = build_teacher_cache(_module(), _digits(), tmp_path / "ref", **BUILD)
+    out = tmp_path / "c"
+    # 6 batches of 16 per epoch, 2 per shard: killed in the 4th batch of epoch 1 (the 10th),
+    # after 4 complete shards.
+    child = multiprocessing.get_context("fork").Process(target=_killed_build, args=(str(out), 10))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL and not out.exists()
+    building = tmp_path / ".c.building"
+    assert len(list(building.glob("*.head.npy"))) == 4
+    assert list(building.glob("*.partial"))  # the shard being written when killed
+    count, forward = [0], TeacherEnsemble.forward
+
+    def counted(self, *a, **k):
+        count[0] += 1
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(TeacherEnsemble, "forward", counted)
+    build_teacher_cache(_module(), _digits(), out, **BUILD)
+    assert count[0] == 12 - 8  # only the 2 shards not complete were redone
+    assert _hashes(out) == _hashes(reference)
+    assert not building.exists()
+    # A build of something else in the building folder is started over, not mixed in.
+    child = multiprocessing.get_context("fork").Process(target=_killed_build, args=(str(out), 3))
+    child.start()
+    child.join(300)
+    count[0] = 0
+    other = build_teacher_cache(_module(), _digits(seed=1), tmp_path / "d", **BUILD)
+    assert count[0] == 12 and TeacherCache.open(other).manifest["epochs"] == 2
+
+
+# ----------------------------------------------------------------------- features, refusals
+def test_headless_teachers_cache_features_only_and_feature_terms_read_them(tmp_path):
+    headless = dict(CNN, num_classes=0)
+    module = _module(terms=[TRG(teacher_stage=-1, grid=2, tokens_per_image=4, k=4)],
+                     teachers=(headless,))  # fmt: skip
+    dm = _digits()
+    with pytest.raises(ConfigError, match="every teacher is headless.*--stages"):
+        build_teacher_cache(module, dm, tmp_path / "x", epochs=1, pooled=False, stages=[],
+                            progress=False)  # fmt: skip
+    out = build_teacher_cache(module, dm, tmp_path / "c", epochs=1, progress=False)
+    manifest = TeacherCache.open(out).manifest
+    assert manifest["classifiers"] == [] and manifest["stages"] == [[4]]  # the term's -1
+    source = CachedTeachers.open(out, module, dm, 1, False, module.teacher_stages)
+    batch = torch.utils.data.default_collate([dm.train_set[(0, i)] for i in range(4)])
+    (got,) = source.outputs(batch)
+    (live,) = module.teachers(batch["image"], stages=[(-1,)])
+    assert got.logits is None and set(got.stages) == {-1}  # under the index the term reads
+    torch.testing.assert_close(got.stages[-1], live.stages[-1], rtol=1e-3, atol=1e-4)
+    with pytest.raises(
+        ConfigError, match=r"reads stage 1 of teacher resnet10t.*holds stages \[4\]"
+    ):
+        CachedTeachers.open(out, module, dm, 1, False, [(1,)])
+
+
+def test_batching_is_refused_only_when_batches_are_mixed(tmp_path):
+    L.seed_everything(0)
+    plain = build_teacher_cache(_module(), _digits(), tmp_path / "p", epochs=1, progress=False)
+    TeacherCache.open(plain).check(_module(), _digits(batch_size=32), 1)  # any batching
+    mixed = build_teacher_cache(_module(), _digits(**MIX), tmp_path / "m", epochs=1,
+                                progress=False)  # fmt: skip
+    cache = TeacherCache.open(mixed)
+    cache.check(_module(), _digits(**MIX), 1)
+    with pytest.raises(ConfigError, match="augmentation: cache has .*'batch_size': 16"):
+        cache.check(_module(), _digits(**MIX, batch_size=32), 1)
+    with pytest.raises(ConfigError, match="augmentation: cache has .*'world_size': 1"):
+        cache.check(_module(), _digits(**MIX), 1, world_size=2)
+    module = _module()
+    L.seed_everything(5)  # another run seed shuffles, so mixes, other batches
+    with pytest.raises(ConfigError, match="'shuffle_seed': 0.*'shuffle_seed': 5"):
+        cache.check(module, _digits(**MIX), 1)
+    # Built for 2 training processes: 96 samples split evenly, checked against 2.
+    L.seed_everything(0)
+    two = build_teacher_cache(_module(), _digits(**MIX), tmp_path / "w2", epochs=1,
+                              train_world_size=2, progress=False)  # fmt: skip
+    TeacherCache.open(two).check(_module(), _digits(**MIX), 1, world_size=2)
+    with pytest.raises(ConfigError, match="do not split evenly.*divisible by 3"):
+        build_teacher_cache(_module(), _digits(**MIX, train_subset=98), tmp_path / "w3",
+                            epochs=1, train_world_size=3, progress=False)  # fmt: skip
