@@ -5,6 +5,7 @@ them split between DDP ranks."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def test_conversion_refuses_to_overwrite(tmp_path):
     assert (other / "chunk-0-0.bin").read_bytes() == b"someone else's shards"
 
 
-def test_an_interrupted_conversion_resumes(tmp_path, monkeypatch):
+def test_an_interrupted_conversion_resumes(tmp_path, monkeypatch, capsys):
     src = _digits_folder(tmp_path / "digits")
     out = tmp_path / "shards"
     encode = shards._encode_sample
@@ -174,8 +175,14 @@ def test_an_interrupted_conversion_resumes(tmp_path, monkeypatch):
     assert shards.read_manifest(out)["status"] == "converting"
     with pytest.raises(DataNotFoundError, match="unfinished conversion"):
         ShardsDataModule(str(out))
-    written = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.bin")}
-    assert written
+    # The chunks LitData's checkpoints record are done; a resume keeps them as they are.
+    recorded = [
+        c["filename"]
+        for f in (out / ".checkpoints").glob("checkpoint-*.json")
+        for c in json.loads(f.read_text())["chunks"]
+    ]
+    written = {name: (out / name).stat().st_mtime_ns for name in recorded}
+    assert len(written) >= 3
 
     # The folder changed in between: the partial output is refused, not mixed.
     extra = _digits_folder(tmp_path / "more", n=61)
@@ -183,8 +190,13 @@ def test_an_interrupted_conversion_resumes(tmp_path, monkeypatch):
         convert_image_folder(extra, out, num_workers=2, chunk_bytes=1024, progress=False)
 
     # Resume (a different num_workers is overridden: LitData resumes with the first run's).
+    capsys.readouterr()
     with pytest.warns(UserWarning, match="first run's settings"):
-        manifest = convert_image_folder(src, out, num_workers=1, progress=False)
+        manifest = convert_image_folder(src, out, num_workers=1)
+    # The progress bar starts at the images the first run converted and ends at all 60.
+    bar = capsys.readouterr().err
+    first = re.search(r"converting into shards: .*?(\d+)/60", bar)
+    assert first and int(first.group(1)) >= 20 and "60/60" in bar
     assert manifest["status"] == "complete" and manifest["num_workers"] == 2
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.bin") if p.name in written}
     assert kept == written  # resumed, not restarted

@@ -214,7 +214,7 @@ def convert_image_folder(
         num_workers: conversion processes (default: one per CPU).
         chunk_bytes: target chunk size, bytes or a string such as ``"64MB"``.
         overwrite: replace a finished (or restart an interrupted) conversion in ``out``.
-        progress: show LitData's progress bar and messages.
+        progress: show a progress bar (images converted, rate, ETA).
         start_method: start method of the conversion processes; default ``fork`` where
             available (as PyTorch's DataLoader: no re-import per worker), else ``spawn``.
 
@@ -315,15 +315,20 @@ def _optimize(
     start_method: str | None,
 ) -> None:
     """LitData's ``optimize`` over the folder positions. Where processes can fork it runs in
-    a process group of its own, killed when the conversion fails or is interrupted: LitData
-    leaves helper processes of failed workers running otherwise."""
-    args = (samples, labelled, out, settings, progress, start_method or "fork")
+    a process group of its own, killed when the conversion fails or is interrupted (LitData
+    leaves helper processes of failed workers running otherwise), and its workers count the
+    converted images for our progress bar (LitData's moves only when a worker finishes)."""
     if "fork" not in multiprocessing.get_all_start_methods():
-        _run_optimize(*args[:-1], start_method or "spawn")
+        _run_optimize(samples, labelled, out, settings, progress, start_method or "spawn", None)
         return
     ctx = multiprocessing.get_context("fork")
+    start_method = start_method or "fork"
+    # Shared memory reaches LitData's workers only through fork.
+    counter = ctx.Value("q", 0) if progress and start_method == "fork" else None
+    args = (samples, labelled, out, settings, progress and counter is None, start_method, counter)
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_optimize_in_group, args=(send, args), daemon=False)
+    bar = _progress_bar(out, len(samples)) if counter is not None else None
     child.start()
     error: str | None = ""
     try:
@@ -331,10 +336,14 @@ def _optimize(
         while error == "" and (child.is_alive() or receive.poll()):
             if receive.poll(0.2):
                 error = receive.recv()
+            if bar is not None:
+                bar.update(bar.initial_done + counter.value - bar.n)
         child.join()
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)  # the group only holds this conversion
+        if bar is not None:
+            bar.close()
     if error == "":
         error = f"the conversion process exited ({child.exitcode})"
     if error is not None:
@@ -349,6 +358,27 @@ def _optimize(
             f"converting into {out} failed: {cause}. Run the "
             "conversion again: it resumes where it stopped"
         )
+
+
+def _progress_bar(out: Path, total: int) -> Any:
+    """A tqdm bar over the folder's images, starting at those an interrupted run converted
+    (LitData's checkpoints count them per worker)."""
+    from tqdm.auto import tqdm
+
+    done = 0
+    for path in (out / ".checkpoints").glob("checkpoint-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            done += int(json.loads(path.read_text())["inputs_done"])
+    bar = tqdm(total=total, initial=done, desc=f"converting into {out.name}", unit="img")
+    bar.initial_done = done
+    return bar
+
+
+def _count(counter: Any, encode: Callable[[int], dict[str, Any]], index: int) -> dict[str, Any]:
+    sample = encode(index)
+    with counter.get_lock():
+        counter.value += 1
+    return sample
 
 
 def _optimize_in_group(send: Any, args: tuple) -> None:
@@ -369,14 +399,16 @@ def _run_optimize(
     labelled: bool,
     out: Path,
     settings: dict[str, Any],
-    progress: bool,
+    verbose: bool,
     start_method: str,
+    counter: Any | None,
 ) -> None:
     from litdata import optimize
 
+    encode = functools.partial(_encode_sample, samples, labelled)
     with _private_litdata_cache():
         optimize(
-            fn=functools.partial(_encode_sample, samples, labelled),
+            fn=encode if counter is None else functools.partial(_count, counter, encode),
             # Folder positions (JSON-stable, so LitData's resume check recognises them).
             inputs=list(range(len(samples))),
             output_dir=str(out.resolve()),
@@ -388,7 +420,7 @@ def _run_optimize(
             reorder_files=False,
             use_checkpoint=True,
             start_method=start_method,
-            verbose=progress,
+            verbose=verbose,
         )
 
 
