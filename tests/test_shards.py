@@ -301,3 +301,37 @@ def test_fit_streams_the_shards(tmp_path, devices):
     assert not first & second and first | second <= train_idx
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) >= 48 // 2 - 8
     assert set(ranks[0]["val"]) | set(ranks[1]["val"]) == val_idx
+
+
+@pytest.mark.slow
+def test_a_killed_conversion_resumes(tmp_path):
+    """SIGKILL of the converting process (not a Python error): its conversion processes stop
+    with it, and running the conversion again completes it with every image once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = _digits_folder(tmp_path / "digits", n=1500)
+    out = tmp_path / "shards"
+    script = (
+        "import sys; from visdistill.data import convert_image_folder; "
+        "convert_image_folder(sys.argv[1], sys.argv[2], num_workers=2, chunk_bytes=2048, "
+        "progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out)])
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".checkpoints/checkpoint-*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the conversion ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # the conversion group notices its caller is gone (within 0.5 s)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.bin")}
+    time.sleep(1)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.bin")} == done  # stopped
+    assert not (out / "index.json").exists()
+    manifest = convert_image_folder(src, out, progress=False)
+    assert manifest["status"] == "complete" and manifest["num_samples"] == 1500
+    assert _stored(out) == _files(src)

@@ -28,6 +28,8 @@ import os
 import re
 import signal
 import tempfile
+import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -386,6 +388,16 @@ def _optimize_in_group(send: Any, args: tuple) -> None:
     # to finalise: keep the garbage collector off them.
     gc.freeze()
     os.setsid()
+    parent = os.getppid()
+
+    def stop_with_the_caller() -> None:
+        # A killed caller (kill -9, OOM) takes its conversion along, as a kill of the whole
+        # job would: no conversion goes on unseen; running it again resumes.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=stop_with_the_caller, daemon=True).start()
     try:
         _run_optimize(*args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
