@@ -302,7 +302,8 @@ def convert_image_folder(
     if not (out / "index.json").is_file():  # else LitData finished before a kill
         _optimize(samples, labelled, out, settings, progress, start_method)
     _check_order(out, len(samples))
-    manifest["shard_bytes"] = sum(p.stat().st_size for p in out.glob("chunk-*.bin"))
+    chunks = json.loads((out / "index.json").read_text())["chunks"]
+    manifest["shard_bytes"] = sum((out / c["filename"]).stat().st_size for c in chunks)
     manifest["status"] = "complete"
     _write_manifest(out, manifest)
     return manifest
