@@ -351,3 +351,18 @@ def test_batching_is_refused_only_when_batches_are_mixed(tmp_path):
     with pytest.raises(ConfigError, match="do not split evenly.*divisible by 3"):
         build_teacher_cache(_module(), _digits(**MIX, train_subset=98), tmp_path / "w3",
                             epochs=1, train_world_size=3, progress=False)  # fmt: skip
+
+
+def test_the_cache_command_takes_the_new_options(tmp_path, capsys):
+    from test_cli import CONFIG, _write
+
+    from visdistill.cli import main
+
+    config = _write(tmp_path, {**CONFIG, "trainer": {**CONFIG["trainer"], "max_epochs": 1}})
+    out = tmp_path / "cache"
+    main(["cache", "--config", config, "--out", str(out), "--pooled", "--stages", "[-1]",
+          "--shard_size", "64", "--logits_dtype", "float32"])  # fmt: skip
+    assert "teacher cache written" in capsys.readouterr().out
+    manifest = TeacherCache.open(out).manifest
+    assert manifest["pooled"] and manifest["logits_dtype"] == "float32"
+    assert all(len(s) == 1 for s in manifest["stages"]) and manifest["shards_per_epoch"] > 1
