@@ -111,6 +111,7 @@ def test_unknown_subcommand_names_the_close_matches(capsys):
         ["search", "--teacher", "resnet10t", "--space", "family:resnet", "--budget", "3"],
         ["zoo", "evaluate", "fmnist_resnet10t", "--limit", "10"],
         ["mmdet", "convert", "a.pth", "b.safetensors", "--prefix", "student."],
+        ["convert", "images/", "--out", "shards/", "--chunk_bytes", "1MB"],
     ],
 )
 def test_every_subcommand_prints_its_config_and_reads_it_back(tmp_path, capsys, args):

@@ -335,3 +335,18 @@ def test_a_killed_conversion_resumes(tmp_path):
     manifest = convert_image_folder(src, out, progress=False)
     assert manifest["status"] == "complete" and manifest["num_samples"] == 1500
     assert _stored(out) == _files(src)
+
+
+def test_convert_command_writes_the_same_shards_as_the_function(tmp_path, capsys):
+    from visdistill.commands import main
+
+    src = _digits_folder(tmp_path / "digits", n=30)
+    out = tmp_path / "shards"
+    main(["convert", str(src), "--out", str(out), "--num_workers", "1", "--progress", "false"])
+    printed = capsys.readouterr().out
+    assert "converted 30 images (3 classes)" in printed and "ShardsDataModule" in printed
+    assert _stored(out) == _files(src)
+    with pytest.raises(SystemExit) as e:  # a finished conversion is not replaced silently
+        main(["convert", str(src), "--out", str(out), "--num_workers", "1"])
+    assert e.value.code != 0
+    assert "overwrite" in capsys.readouterr().err

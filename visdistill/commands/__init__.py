@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lightning", "run the student on the test split, write predictions.csv"),
     "cache": ("cache", "precompute teacher soft targets for replayed augmentations (FKD-style)"),
     "export": ("export", "write a fit checkpoint's student as a plain timm model"),
+    "convert": ("convert", "an image folder into streaming shards (LitData) for ShardsDataModule"),
     "probe": ("probe", "kNN and linear-probe top-1 of an exported student on labelled data"),
     "cka": ("cka", "CKA heat map between the stages of two models (PNG + JSON/CSV)"),
     "zoo": ("zoo", "list | show | download | verify | evaluate the model zoo (zoo:<name>)"),
