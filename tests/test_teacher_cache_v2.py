@@ -133,7 +133,7 @@ def test_cached_outputs_equal_live_teachers_on_the_training_loader_s_images(
     assert feature <= 1.01, feature  # within fp16's rounding (plus float32 noise)
 
 
-def _losses(module, dm, tmp_path, steps=20) -> list[float]:
+def _losses(module, dm, tmp_path, steps=20, epochs=4) -> list[float]:
     losses = []
     original = module.compute_losses
 
@@ -144,7 +144,7 @@ def _losses(module, dm, tmp_path, steps=20) -> list[float]:
 
     module.compute_losses = record
     trainer = L.Trainer(
-        max_epochs=4, max_steps=steps, accelerator="cpu", logger=False,
+        max_epochs=epochs, max_steps=steps, accelerator="cpu", logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         default_root_dir=tmp_path, limit_val_batches=0,
     )  # fmt: skip
@@ -170,12 +170,12 @@ def _cached_vs_live(tmp_path, monkeypatch, terms, data, epochs, **build):
         **build,
     )
     L.seed_everything(0)
-    live = _losses(_module(terms(), **student), data(), tmp_path)
+    live = _losses(_module(terms(), **student), data(), tmp_path, epochs=epochs)
     L.seed_everything(0)
     cached_module = _module(terms(), teacher_cache=str(cache), **student)
     with monkeypatch.context() as m:
         m.setattr(TeacherEnsemble, "forward", _no_teachers)
-        cached = _losses(cached_module, data(), tmp_path)
+        cached = _losses(cached_module, data(), tmp_path, epochs=epochs)
     return live, cached
 
 
@@ -219,13 +219,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 BUILD = dict(epochs=2, top_k=5, pooled=True, stages=[[3], []], shard_size=32, progress=False)
 
 
-def _rank_build(rank: int, world: int, store: str, out: str) -> None:
+def _rank_build(rank: int, world: int, store: str, out: str, make=None) -> None:
+    """One process of a gloo build; ``make() -> (module, datamodule, options)``."""
     try:
         torch.set_num_threads(1)
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world
         )
-        build_teacher_cache(_module(), _digits(**MIX), out, **BUILD)
+        module, dm, options = make() if make else (_module(), _digits(**MIX), BUILD)
+        build_teacher_cache(module, dm, out, **options)
         torch.distributed.destroy_process_group()
     except BaseException:
         import traceback
@@ -252,7 +254,7 @@ def test_two_process_gloo_build_equals_the_one_process_build(tmp_path):
     assert _hashes(tmp_path / "two") == _hashes(one)
 
 
-def _killed_build(out: str, n: int) -> None:
+def _killed_build(out: str, n: int, make=None) -> None:
     """Build, SIGKILLed at the ``n``-th teacher forward."""
     try:
         torch.set_num_threads(1)
@@ -265,7 +267,8 @@ def _killed_build(out: str, n: int) -> None:
             return forward(self, *a, **k)
 
         TeacherEnsemble.forward = counted
-        build_teacher_cache(_module(), _digits(), out, **BUILD)
+        module, dm, options = make() if make else (_module(), _digits(), BUILD)
+        build_teacher_cache(module, dm, out, **options)
     except BaseException:
         os._exit(1)
     os._exit(0)
@@ -366,3 +369,107 @@ def test_the_cache_command_takes_the_new_options(tmp_path, capsys):
     manifest = TeacherCache.open(out).manifest
     assert manifest["pooled"] and manifest["logits_dtype"] == "float32"
     assert all(len(s) == 1 for s in manifest["stages"]) and manifest["shards_per_epoch"] > 1
+
+
+# ----------------------------------------------------------------------- real image folder
+FOLDER_IMAGES = int(os.environ.get("VISDISTILL_CACHE_FOLDER_IMAGES", "20000"))
+VIT64 = dict(VIT, model_kwargs=dict(img_size=64, patch_size=8, depth=2))
+
+
+def _fashion_folder(root: Path, n: int) -> Path:
+    """``n`` Fashion-MNIST training images as 64 px RGB PNGs in class folders, plus the
+    scikit-image photos (spread over the classes): real decoding, real photo statistics."""
+    from PIL import Image
+    from skimage import data as photos
+
+    from visdistill import FashionMNISTDataModule
+
+    images, targets = FashionMNISTDataModule().load(train=True)
+    for i in range(n):
+        folder = root / str(int(targets[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(images[i, 0].numpy()).convert("RGB").resize((64, 64), Image.BICUBIC)
+        img.save(folder / f"{i:05d}.png")
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
+    for j, name in enumerate(names):
+        img = Image.fromarray(getattr(photos, name)()).convert("RGB").resize((64, 64))
+        img.save(root / str(j % 10) / f"photo_{name}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_cache_checks_on_a_real_png_folder(tmp_path, monkeypatch):
+    """The cache checks at scale: a Fashion-MNIST PNG folder (VISDISTILL_CACHE_FOLDER_IMAGES,
+    default 20000) plus scikit-image photos at 64 px; cached vs live teachers for timm
+    RRC+RandAugment+erasing with and without mixup/CutMix (first 8 batches of each epoch),
+    20 cached vs live steps under mixup, and (on a 2048-image subset) the 2-process build and
+    the killed build's resume."""
+    root = _fashion_folder(tmp_path / "folder", FOLDER_IMAGES)
+    teachers = (dict(CNN), VIT64)
+    kinds = {
+        "timm": dict(scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.25),
+        "timm_mixup_cutmix": dict(scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", **MIX),
+    }
+
+    def folder(subset=None, **kw):
+        from visdistill import ImageFolderDataModule
+
+        dm = ImageFolderDataModule(
+            train_dir=str(root), image_size=64, batch_size=64, val_split=256,
+            train_subset=subset, num_workers=2, **kw,
+        )  # fmt: skip
+        dm.setup("fit")
+        return dm
+
+    for kind, options in kinds.items():
+        L.seed_everything(0)
+        module, dm = _module(teachers=teachers), folder(**options)
+        out = build_teacher_cache(module, dm, tmp_path / kind, epochs=2, top_k=10, pooled=True,
+                                  stages=[[-1], [-1]], progress=False)  # fmt: skip
+        cache, loader = TeacherCache.open(out), dm.train_dataloader()
+        for e in range(2):
+            loader.sampler.set_epoch(e)
+            for t, batch in enumerate(loader):
+                if t == 8:
+                    break
+                live = module.teachers(batch["image"], stages=[(4,), (1,)], pooled=True)
+                read = cache.lookup(batch["epoch"], batch["index"])
+                for out_, got in zip(live, read, strict=True):
+                    logp = out_.logits.log_softmax(-1)
+                    keep = logp > -8
+                    assert (got.logits - logp)[keep].abs().max() <= 2e-3, (kind, e, t)
+                    for s, want in out_.stages.items():
+                        torch.testing.assert_close(got.stages[s], want, rtol=1e-3, atol=1e-4)
+    (tmp_path / "fit").mkdir()
+    live, cached = _cached_vs_live(
+        tmp_path / "fit", monkeypatch, lambda: [KD(temperature=2.0)],
+        lambda: folder(2048, **kinds["timm_mixup_cutmix"]), 1,
+    )  # fmt: skip
+    assert len(live) == len(cached) == 20
+    assert max(abs(a - b) for a, b in zip(live, cached, strict=True)) < 1e-3
+
+    def make():
+        options = dict(epochs=2, pooled=True, stages=[[-1], [-1]], shard_size=512, progress=False)
+        return _module(teachers=teachers), folder(2048, **kinds["timm_mixup_cutmix"]), options
+
+    L.seed_everything(0)
+    one = build_teacher_cache(*make()[:2], tmp_path / "one", **make()[2])
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_rank_build, args=(r, 2, str(tmp_path / "store"), str(tmp_path / "two"), make))
+        for r in range(2)
+    ]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(1800)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert _hashes(tmp_path / "two") == _hashes(one)
+    # 2 epochs x 4 shards of 8 batches: killed in the 20th batch, resumed to the same files.
+    child = ctx.Process(target=_killed_build, args=(str(tmp_path / "k"), 20, make))
+    child.start()
+    child.join(1800)
+    assert child.exitcode == -signal.SIGKILL
+    assert list((tmp_path / ".k.building").glob("*.head.npy"))  # complete shards kept
+    build_teacher_cache(*make()[:2], tmp_path / "k", **make()[2])
+    assert _hashes(tmp_path / "k") == _hashes(one)

@@ -5,13 +5,14 @@ training loader for ``E`` epochs, so the images the teachers see are exactly the
 will see: replayable augmentation (every random draw of sample ``i`` in epoch ``e`` is a
 function of the data seed, ``e`` and ``i``), and batch-level mixing (mixup/CutMix, whose
 batches are fixed by the epoch's seeded order). Per epoch and sample it stores, per classifier
-teacher, the top-``k`` log-probabilities (fp16) with their class indices and the log of the
-remaining probability mass; optionally each teacher's pooled features (fp16) and fp16 feature
-maps ``(C, h, w)`` of chosen stages, so feature terms (ND, UNIC, TRG, AdaptorHeads ...) train
-from the cache too. Training with ``DistillationModule(teacher_cache=DIR)`` reads them.
+teacher, the top-``k`` log-probabilities (fp16, or fp32 with ``logits_dtype``) with their
+class indices and the log of the remaining probability mass; optionally each teacher's
+pooled features (fp16) and fp16 feature maps ``(C, h, w)`` of chosen stages, so feature terms
+(ND, UNIC, TRG, AdaptorHeads ...) train from the cache too. Training with ``DistillationModule(teacher_cache=DIR)`` reads them.
 
-Layout of ``DIR``: ``manifest.json`` and, per epoch ``e`` and shard ``s``, ``eEEEE-sSSSSS.head.npy``
-(a record per sample: its source ``index`` and the log-probabilities) plus one ``.npy`` per
+Layout of ``DIR``: ``manifest.json`` and, per epoch ``e`` and shard ``s``,
+``eEEEE-sSSSSS.head.npy`` (a record per sample: its source ``index`` and the
+log-probabilities) plus one ``.npy`` per
 stored feature (``...t0-pooled.npy``, ``...t1-stage3.npy``). Samples are stored in the order
 the epoch's loader yields them (the order of a single-process batch of ``world_size x
 batch_size``), so a training batch is a contiguous run of one shard; lookups go from a batch's
@@ -127,17 +128,6 @@ def cache_identity(module: Any, datamodule: Any, world_size: int | None = None) 
             "shuffle_seed": int(sampler.seed),
         },
     }
-
-
-def check_classifier_teachers(teachers: Any) -> None:
-    """Refuse headless teachers (``num_classes: 0``) where class probabilities are needed."""
-    headless = [t.name for t in teachers if t.headless]
-    if headless:
-        raise ConfigError(
-            f"the teacher cache stores the teachers' class probabilities, but teacher(s) "
-            f"{', '.join(headless)} are headless (num_classes 0, no classifier); remove "
-            "teacher_cache, or cache classifier teachers only"
-        )
 
 
 # ----------------------------------------------------------------------- the plan
