@@ -803,7 +803,8 @@ class TeacherCache:
         def feature(what: str) -> Tensor | None:
             if what not in features:
                 return None
-            return torch.from_numpy(features[what].astype(np.float32)).to(device)
+            # Moved as stored (fp16: half the bytes to a GPU), then widened where it lands.
+            return torch.from_numpy(features[what]).to(device).float()
 
         return [
             ModelOutput(
