@@ -262,3 +262,19 @@ def test_shards_replay_the_folder_batches_with_mixing(tmp_path):
     shard = _batches(ShardsDataModule(str(out), replay=True, num_workers=2, **options))
     _same(folder, shard)
     assert folder[0]["target"].shape == (4, 2) and "mix_lam" in folder[0]
+
+
+def test_student_spec_sets_the_augmentation_statistics(tmp_path):
+    """Without a trainer (a cache build), ``student_spec`` gives the student's mean/std,
+    as an attached run would."""
+    from types import SimpleNamespace
+
+    from visdistill.data import ImageFolderDataModule
+
+    src = str(_png_folder(tmp_path / "digits", n=4))
+    dm = ImageFolderDataModule(src, image_size=32, val_split=1, re_prob=1.0)
+    assert dm.normalisation()[0] == (0.485, 0.456, 0.406)  # ImageNet's without a student
+    dm.student_spec = SimpleNamespace(mean=(0.5,), std=(0.25,))
+    dm.setup("fit")
+    aug = dm.augmentation()
+    assert aug["mean"] == [0.5] * 3 and aug["std"] == [0.25] * 3

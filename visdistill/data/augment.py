@@ -160,6 +160,9 @@ class TimmAugmentDataModule(VisionDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.replay = bool(replay)
+        # The student's input spec, set by whoever builds the run without a trainer (the
+        # teacher cache command), so the augmentation is the one fit will use.
+        self.student_spec: Any = None
         for name, p in (("hflip", hflip), ("vflip", vflip), ("re_prob", re_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name} is a probability in [0, 1], got {p}")
@@ -204,11 +207,11 @@ class TimmAugmentDataModule(VisionDataModule):
         self._transform(True), self._transform(False)
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """``(mean, std)`` for the augmentation: the configured ones, else the attached run's
-        student's input spec, else ImageNet's."""
+        """``(mean, std)`` for the augmentation: the configured ones, else the student's input
+        spec (``student_spec`` when set, else the attached run's student's), else ImageNet's."""
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        spec = getattr(getattr(module, "student", None), "input_spec", None)
+        spec = self.student_spec or getattr(getattr(module, "student", None), "input_spec", None)
         mean = self.mean or (
             _three(spec.mean, "student mean") if spec is not None else IMAGENET_DEFAULT_MEAN
         )
