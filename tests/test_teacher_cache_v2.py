@@ -102,6 +102,19 @@ def _worst_differences(module, dm, cache_dir, epochs, stages) -> tuple[float, fl
     return worst_logp, worst_feature, seen
 
 
+def _shards(root: Path, **kw):
+    """The PNG folder converted to LitData shards (once), trained from with timm's options."""
+    from visdistill import ShardsDataModule
+    from visdistill.data import convert_image_folder
+
+    out = root.parent / "shards"
+    if not out.exists():
+        convert_image_folder(root, out, num_workers=1, progress=False)
+    dm = ShardsDataModule(str(out), image_size=32, batch_size=16, val_split=16, replay=True, **kw)
+    dm.setup("fit")
+    return dm
+
+
 AUGMENTATIONS = {
     "crop_flip": lambda root: _digits(),
     "crop_flip_mixup_cutmix": lambda root: _digits(**MIX),
@@ -109,6 +122,9 @@ AUGMENTATIONS = {
         root, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.5
     ),
     "timm_with_mixup_cutmix": lambda root: _folder(
+        root, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.25, **MIX
+    ),
+    "shards_timm_with_mixup_cutmix": lambda root: _shards(
         root, scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5", re_prob=0.25, **MIX
     ),
 }
@@ -473,3 +489,13 @@ def test_cache_checks_on_a_real_png_folder(tmp_path, monkeypatch):
     assert list((tmp_path / ".k.building").glob("*.head.npy"))  # complete shards kept
     build_teacher_cache(*make()[:2], tmp_path / "k", **make()[2])
     assert _hashes(tmp_path / "k") == _hashes(one)
+
+
+def test_augmentation_that_cannot_be_replayed_is_refused_with_the_fix(png_folder, tmp_path):
+    from visdistill import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(train_dir=str(png_folder), image_size=32, val_split=16, replay=False)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match="replay: false.*set data.init_args.replay: true"):
+        build_teacher_cache(_module(), dm, tmp_path / "c", epochs=1, progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.building").exists()

@@ -108,8 +108,8 @@ def cache_identity(module: Any, datamodule: Any, world_size: int | None = None) 
         "test_subset",
     ]:
         hparams.pop(key, None)
+    augmentation = datamodule.augmentation()  # first: its refusal says how to replay
     loader, sampler = _train_loader_parts(datamodule)
-    augmentation = datamodule.augmentation()
     if world_size is not None and mixes_batches(augmentation):
         # Built in one process for a run of world_size: the batches are that run's.
         augmentation = {**augmentation, "world_size": int(world_size)}
