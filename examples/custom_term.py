@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visdistill.distillers.base import DistillTerm
 from visdistill.errors import ConfigError
 from visdistill.losses import teacher_weighted_mean
 from visdistill.models import Backbone, ModelOutput
+from visdistill.terms.base import DistillTerm
 
 
 class PooledHint(DistillTerm):

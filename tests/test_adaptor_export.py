@@ -19,8 +19,8 @@ from visdistill import (
     export_student,
 )
 from visdistill.cli import main
-from visdistill.distillers.adaptor import resample_to_grid
 from visdistill.resume import KEY
+from visdistill.terms.adaptor import resample_to_grid
 
 TINY = dict(name="resnet10t", model_kwargs=dict(channels=(8, 8, 16, 16), stem_width=8))
 VIT = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from visdistill import KD, ND, CKACallback, DigitsDataModule, DistillationModule, ModelConfig
-from visdistill.distillers import MEALV2, UNIC
+from visdistill.terms import MEALV2, UNIC
 
 # No BatchNorm in training mode anywhere (SyncBatchNorm needs a GPU): ViT student and
 # teachers of the same width, so ND needs no projector (its projector has a BatchNorm).

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from visdistill import ConfigError
-from visdistill.distillers.diswot import DisWOT
 from visdistill.losses.diswot import (
     batch_relation,
     ickd_distance,
@@ -21,6 +20,7 @@ from visdistill.losses.diswot import (
 from visdistill.models import Backbone
 from visdistill.search import DisWOTScorer, diswot_score, gaussian_init_
 from visdistill.teachers import Teacher
+from visdistill.terms.diswot import DisWOT
 
 # A tiny timm ResNet (basic blocks, 8-16 channels): milliseconds per forward at 32 px.
 TINY = dict(

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import CNN, VIT, fit_two_steps
 
 from visdistill import MEALV2, ConfigError, DistillationModule, ModelConfig
-from visdistill.distillers.meal_v2 import OutputDiscriminator
 from visdistill.models import ModelOutput
+from visdistill.terms.meal_v2 import OutputDiscriminator
 
 ZS = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
 T1 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

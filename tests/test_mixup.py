@@ -17,8 +17,8 @@ from visdistill.data.mixing import (
     hard_labels,
     mixed_target_error,
 )
-from visdistill.distillers.dkd import DKD
-from visdistill.distillers.nd import ND
+from visdistill.terms.dkd import DKD
+from visdistill.terms.nd import ND
 
 MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from conftest import CNN, VIT, fit_two_steps
 
 from visdistill import KD, ConfigError, DistillationModule, ModelConfig
-from visdistill.distillers.mst import FeatureGate, MSTRouting, expert_descriptors
 from visdistill.losses import fold_expert_weights, kd_loss, load_balancing_loss
 from visdistill.models import ModelOutput
+from visdistill.terms.mst import FeatureGate, MSTRouting, expert_descriptors
 
 TEACHERS = [ModelConfig(**CNN), ModelConfig(**VIT)]
 

@@ -8,9 +8,6 @@ import torch.multiprocessing as mp
 from conftest import CNN, VIT
 
 from visdistill import KD, MEALV2, UNIC, ConfigError, DistillationModule, ModelConfig, MSTRouting
-from visdistill.distillers.meal_v2 import OutputDiscriminator
-from visdistill.distillers.mst import mst_loss_weights
-from visdistill.distillers.unic import RunningStandardizer, ema_weight
 from visdistill.losses import (
     load_balancing_loss,
     soft_cross_entropy,
@@ -18,6 +15,9 @@ from visdistill.losses import (
     topk_weights,
 )
 from visdistill.models import ModelOutput
+from visdistill.terms.meal_v2 import OutputDiscriminator
+from visdistill.terms.mst import mst_loss_weights
+from visdistill.terms.unic import RunningStandardizer, ema_weight
 
 TEACHERS = [ModelConfig(**CNN), ModelConfig(**VIT)]
 

@@ -8,9 +8,9 @@ import torch.multiprocessing as mp
 from conftest import CNN, VIT
 
 from visdistill import ND, ConfigError, DistillationModule, ModelConfig, TeacherEnsemble
-from visdistill.distillers.nd import EmbeddingProjector
 from visdistill.losses import nd_loss
 from visdistill.models import Backbone
+from visdistill.terms.nd import EmbeddingProjector
 
 
 def test_nd_matches_the_spec_example():
@@ -171,7 +171,7 @@ def test_fit_computes_class_means_once_then_reuses_the_cache(tmp_path, monkeypat
 
 def test_cache_key_changes_with_teacher_weights_and_data():
     from visdistill import DigitsDataModule
-    from visdistill.distillers.nd import class_means_key
+    from visdistill.terms.nd import class_means_key
 
     torch.manual_seed(0)
     a = TeacherEnsemble([ModelConfig(**VIT)])
@@ -194,7 +194,7 @@ def test_shortened_runs_shorten_the_class_means_pass_and_do_not_cache_it(
     # Before: the means pass ran over the whole training set whatever fast_dev_run said.
     import lightning as L
 
-    import visdistill.distillers.nd as nd_module
+    import visdistill.terms.nd as nd_module
     from visdistill import DigitsDataModule
 
     seen = []

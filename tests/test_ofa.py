@@ -3,9 +3,9 @@ import torch
 from conftest import CNN, MLP, VIT
 
 from visdistill import ConfigError, DistillationModule, ModelConfig
-from visdistill.distillers.ofa import OFA, TokenExit, default_exit_stages, is_token_model
 from visdistill.losses import ofa_loss, soft_cross_entropy
 from visdistill.models import Backbone
+from visdistill.terms.ofa import OFA, TokenExit, default_exit_stages, is_token_model
 
 
 def test_ofa_with_eps_one_is_the_soft_cross_entropy():

@@ -23,10 +23,10 @@ from visdistill import (
 from visdistill.cli import lightning_main, main
 from visdistill.data.replay import EpochSampler, epoch_sampler
 from visdistill.data.resumable import ResumableDataLoader
-from visdistill.distillers import MEALV2, UNIC, MSTRouting
 from visdistill.errors import CheckpointError
 from visdistill.models import Backbone
 from visdistill.teacher_cache import build_teacher_cache
+from visdistill.terms import MEALV2, UNIC, MSTRouting
 
 # timm's test models (0.3 M parameters): a CNN and a ViT at 32 px.
 CNN = dict(name="test_resnet", num_classes=10)

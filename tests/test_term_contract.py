@@ -1,5 +1,5 @@
 """The contract every distillation term keeps, checked for every term class of the package
-(``list_terms()``, after importing every module of ``visdistill.distillers``) and for the
+(``list_terms()``, after importing every module of ``visdistill.terms``) and for the
 example in ``examples/custom_term.py``, so a term added later is checked without editing
 this file:
 
@@ -32,10 +32,10 @@ import pytest
 import torch
 import yaml
 
-import visdistill.distillers
+import visdistill.terms
 from visdistill import DistillationModule, ModelConfig
-from visdistill.distillers.base import DistillTerm, as_term_output, list_terms, term_from_config
 from visdistill.models import Backbone, ModelOutput
+from visdistill.terms.base import DistillTerm, as_term_output, list_terms, term_from_config
 
 CHECKS = ("yaml", "checkpoint", "gradients", "extreme_logits", "fp16_range", "zero_case")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ TINY = dict(
 
 
 def _import_all_terms() -> list[type[DistillTerm]]:
-    for info in pkgutil.iter_modules(visdistill.distillers.__path__):
-        importlib.import_module(f"visdistill.distillers.{info.name}")
+    for info in pkgutil.iter_modules(visdistill.terms.__path__):
+        importlib.import_module(f"visdistill.terms.{info.name}")
     spec = importlib.util.spec_from_file_location("custom_term", ROOT / "examples/custom_term.py")
     example = importlib.util.module_from_spec(spec)
     sys.modules["custom_term"] = example  # term_from_config finds imported modules only
@@ -312,4 +312,6 @@ def test_documented_zero_case_is_zero(cls, weights):
         out = as_term_output(term, term(student, term.own(teachers), batch["target"]))
     for key in cls.zero_parts:
         assert key in out.losses, f"{cls.__name__}.zero_parts names {key!r}, not a loss"
-        assert out.losses[key].abs().item() < 1e-5, (key, out.losses[key].item())
+        # float32 rounding, scaled by the term's factors (DKD: beta * T^2 = 128) and by the
+        # thread count's summation order: 1e-5 failed DKD at 1 thread (1.2e-5).
+        assert out.losses[key].abs().item() < 1e-4, (key, out.losses[key].item())

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import CNN, VIT, fit_two_steps
 
 from visdistill import KD, UNIC, ConfigError, DistillationModule, ModelConfig
-from visdistill.distillers.unic import _resample, ema_weight
 from visdistill.losses import feature_match_loss, teacher_drop_coefficients
 from visdistill.models import ModelOutput
+from visdistill.terms.unic import _resample, ema_weight
 
 
 def test_feature_match_loss_by_hand():

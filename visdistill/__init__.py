@@ -14,21 +14,6 @@ from .data import (
     convert_image_folder,
 )
 from .diagnostics import CKACallback, MinibatchCKA, cka_matrix, linear_cka, rbf_cka
-from .distillers import (
-    DKD,
-    KD,
-    MEALV2,
-    ND,
-    OFA,
-    TRG,
-    UNIC,
-    AdaptorHeads,
-    DistillTerm,
-    DisWOT,
-    MSTRouting,
-    TermOutput,
-    list_terms,
-)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -48,6 +33,21 @@ from .search import diswot_score
 from .summary import DistillationModelSummary, RunSummary
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource
 from .teachers import Teacher, TeacherEnsemble, ensemble_log_probs, ensemble_probs
+from .terms import (
+    DKD,
+    KD,
+    MEALV2,
+    ND,
+    OFA,
+    TRG,
+    UNIC,
+    AdaptorHeads,
+    DistillTerm,
+    DisWOT,
+    MSTRouting,
+    TermOutput,
+    list_terms,
+)
 
 __version__ = "0.1.0"
 

@@ -32,10 +32,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .checkpoints import atomic_write, save_safetensors_atomic
-from .distillers.adaptor import AdaptorHead, resample_to_grid
 from .errors import CheckpointError
 from .models import Backbone, InputSpec, ModelConfig, short_name
 from .normalizers import make_normalizer
+from .terms.adaptor import AdaptorHead, resample_to_grid
 from .zoo import sha256_file
 
 ADAPTORS_WEIGHTS = "adaptors.safetensors"
@@ -453,7 +453,7 @@ def adaptors_from_checkpoint(
     student's input size recorded in ``config.json``; ``input_size``: the training images'
     side when the checkpoint does not record it.
     """
-    from .distillers.base import term_from_config
+    from .terms.base import term_from_config
 
     index, config = _adaptor_term_index(source, ckpt)
     hp = ckpt["hyper_parameters"]

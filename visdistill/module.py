@@ -16,7 +16,6 @@ from . import resume
 from .checkpoints import use_atomic_checkpoint_io
 from .data.base import data_has_labels
 from .data.mixing import hard_labels
-from .distillers.base import DistillTerm, TermOutput, as_term_output, term_from_config
 from .errors import ConfigError
 from .fast_path import apply_fast_path
 from .lightning_private import attached_trainer, logs_reach_loggers, repair_epoch_progress
@@ -28,6 +27,7 @@ from .setup_checks import check_data, check_models, check_weight_providers
 from .teacher_scores import TeacherScores
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource, check_teacher_precision
 from .teachers import TeacherEnsemble, teacher_stages_requested
+from .terms.base import DistillTerm, TermOutput, as_term_output, term_from_config
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:

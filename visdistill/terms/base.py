@@ -179,9 +179,8 @@ class DistillTerm(nn.Module):
         ``load_from_checkpoint``."""
         if self._config_args is None:
             return None
-        cls = type(self)
         return {
-            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "class_path": _class_path(type(self)),
             "init_args": dict(self._config_args),
         }
 
@@ -292,6 +291,16 @@ def _recorded_arguments(
     return record if _is_plain(record) else None
 
 
+def _class_path(cls: type) -> str:
+    """``visdistill.KD`` for a class the package exports at its top level (a path that
+    survives moving the class between files), else ``module.QualName``."""
+    import visdistill
+
+    if cls.__module__.startswith("visdistill.") and getattr(visdistill, cls.__name__, None) is cls:
+        return f"visdistill.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def list_terms(package: str = "visdistill") -> list[type[DistillTerm]]:
     """Every public term class defined in ``package`` (and imported), sorted by class path:
     the registry the contract test iterates. A class counts when it subclasses
@@ -326,6 +335,9 @@ def term_from_config(spec: DistillTerm | dict[str, Any]) -> DistillTerm:
         )
     path = str(spec["class_path"])
     module_name, _, cls_name = path.rpartition(".")
+    if module_name == "visdistill.distillers" or module_name.startswith("visdistill.distillers."):
+        # checkpoints written before the package folder was renamed to visdistill/terms
+        module_name = "visdistill.terms" + module_name[len("visdistill.distillers") :]
     module = sys.modules.get(module_name)
     if module is None and (module_name == "visdistill" or module_name.startswith("visdistill.")):
         module = importlib.import_module(module_name)
