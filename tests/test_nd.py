@@ -222,3 +222,54 @@ def test_shortened_runs_shorten_the_class_means_pass_and_do_not_cache_it(
     assert bool(module.terms[0].means_ready)
     assert all(torch.isfinite(m).all() for m in module.terms[0].class_means())
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_unaugmented_class_means_on_an_image_folder_use_its_eval_transform(tmp_path):
+    """ND(augmented=False) on an image folder: the images still need decoding and resizing,
+    so the training set's transform is replaced by the data module's eval transform (it was
+    set to None, and the PIL images failed to collate)."""
+    import lightning as L
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from visdistill import ImageFolderDataModule
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (40, 36, 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "train" / c / f"{i}.png")
+
+    def fit(seed: int) -> DistillationModule:
+        torch.manual_seed(0)
+        module = DistillationModule(
+            student=ModelConfig(**{**CNN, "num_classes": 2}),
+            teachers=[ModelConfig(**{**VIT, "num_classes": 2})],
+            terms=[ND(augmented=False, cache_dir="")],
+        )
+        dm = ImageFolderDataModule(
+            train_dir=str(tmp_path / "train"), val_split=0, image_size=32, batch_size=4, seed=seed
+        )
+        L.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        ).fit(module, dm)
+        return module
+
+    first, second = fit(seed=0), fit(seed=1)  # other augmentation draws, same means
+    means = first.terms[0].class_means()[0]
+    assert torch.equal(means, second.terms[0].class_means()[0])
+    dm = ImageFolderDataModule(train_dir=str(tmp_path / "train"), val_split=0, image_size=32)
+    dm.setup("fit")
+    dm.train_set.transform = dm.eval_transform()  # what the pass must have seen
+    reference = first.terms[0].compute_class_means(
+        first.teachers, DataLoader(dm.train_set, batch_size=5)
+    )[0]
+    torch.testing.assert_close(means, reference, rtol=1e-5, atol=1e-6)

@@ -220,6 +220,10 @@ class TimmAugmentDataModule(VisionDataModule):
         )
         return tuple(mean), tuple(std)
 
+    def eval_transform(self) -> Callable[[Any], Tensor]:
+        """timm's eval transform (resize, centre crop at ``crop_pct``) of a PIL image."""
+        return self._transform(False)
+
     def _transform(self, train: bool) -> Callable[[Any], Tensor]:
         mean, std = self.normalisation()
         return timm_transform(

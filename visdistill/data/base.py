@@ -18,6 +18,7 @@ yields ``target = -1`` (:data:`UNLABELLED`) for every sample: label-free distill
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -241,6 +242,12 @@ class VisionDataModule(L.LightningDataModule):
         if trainer is not None and uses_distributed_sampler(trainer):
             return trainer.world_size, trainer.global_rank
         return 1, 0
+
+    def eval_transform(self) -> Callable[..., Tensor] | None:
+        """The transform of the evaluation sets, for a pass over the training images without
+        augmentation (ND's ``augmented: false``); ``None``: the in-memory sets' images need
+        none."""
+        return None
 
     def sample_augmentation(self) -> dict | None:
         """Description of the per-sample train augmentation (``None`` when there is none);

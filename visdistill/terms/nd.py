@@ -191,7 +191,9 @@ class ND(DistillTerm):
         if cache is not None and cache.is_file():
             self.set_class_means(_load_means(cache, self.num_teachers))
             return
-        loader = _rank_shard(loader, trainer.global_rank, trainer.world_size, self.augmented)
+        if not self.augmented:
+            loader = _without_augmentation(loader, trainer.datamodule)
+        loader = _rank_shard(loader, trainer.global_rank, trainer.world_size)
         # fast_dev_run / limit_train_batches shorten the means pass too (not cached then).
         limit = batch_limit(trainer.limit_train_batches, len(loader))
         if limit is not None and trainer.is_global_zero:
@@ -261,11 +263,32 @@ def class_means_key(
     return h.hexdigest()[:32]
 
 
-def _rank_shard(loader: DataLoader, rank: int, world: int, augmented: bool) -> DataLoader:
+def _without_augmentation(loader: DataLoader, datamodule: Any) -> DataLoader:
+    """``loader`` over the same training images with the data module's evaluation transform
+    (an image folder's images still need decoding, resizing and cropping)."""
     dataset = loader.dataset
-    if not augmented and hasattr(dataset, "transform"):
-        dataset = copy.copy(dataset)
-        dataset.transform = None
+    eval_transform = getattr(datamodule, "eval_transform", None)
+    if not hasattr(dataset, "transform") or eval_transform is None:
+        if getattr(datamodule, "augment", False):
+            raise ConfigError(
+                f"ND(augmented=False): the training set of {type(datamodule).__name__} "
+                f"({type(dataset).__name__}) has no transform to replace, so its class means "
+                "would be taken on augmented images; set augmented: true, or give the class "
+                "means as class_means_file"
+            )
+        return loader
+    dataset = copy.copy(dataset)
+    dataset.transform = eval_transform()
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size or 256,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+
+
+def _rank_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    dataset = loader.dataset
     indices = list(range(rank, len(dataset), world))
     return DataLoader(
         Subset(dataset, indices),
