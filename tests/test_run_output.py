@@ -260,10 +260,11 @@ def test_quiet_dependencies_filters_the_pytree_warning_itself():
 def test_expected_warnings_name_the_exact_count():
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-    expected = ExpectedWarnings(eval_modules=12, skipped_steps=True)
+    expected = ExpectedWarnings(eval_modules=12, skipped_steps=True, exact_iterable_length=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         expected.enter()
+        warnings.warn("Your `IterableDataset` has `__len__` defined. In combination", UserWarning)
         warnings.warn("Found 12 module(s) in eval mode at the start", PossibleUserWarning, 2)
         warnings.warn("Found 13 module(s) in eval mode at the start", PossibleUserWarning, 2)
         warnings.warn("`training_step` returned `None`. If this was on purpose", UserWarning, 2)

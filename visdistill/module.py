@@ -505,6 +505,7 @@ class DistillationModule(L.LightningModule):
         self._expected_warnings = ExpectedWarnings(
             eval_modules=sum(1 for _ in self.teachers.modules()) if self.teachers else 0,
             skipped_steps=self.nonfinite_guard.mode == "skip",
+            exact_iterable_length=getattr(self.trainer.datamodule, "exact_iterable_length", False),
         )
         self._expected_warnings.enter()
         use_atomic_checkpoint_io(self.trainer)  # .ckpt files: temp file beside, fsync, rename

@@ -76,10 +76,19 @@ class ExpectedWarnings:
             that ``N``, so a user's own module left in eval mode still gets the warning.
         skipped_steps: drop Lightning's "`training_step` returned `None`" (the non-finite
             guard returns ``None`` to skip a step, and warns itself).
+        exact_iterable_length: drop Lightning's "Your `IterableDataset` has `__len__`
+            defined ... could be inaccurate": the data module streams shards whose length is
+            exact per rank and worker (``VisionDataModule.exact_iterable_length``).
     """
 
-    def __init__(self, eval_modules: int = 0, skipped_steps: bool = False) -> None:
+    def __init__(
+        self,
+        eval_modules: int = 0,
+        skipped_steps: bool = False,
+        exact_iterable_length: bool = False,
+    ) -> None:
         self.eval_modules, self.skipped_steps = eval_modules, skipped_steps
+        self.exact_iterable_length = exact_iterable_length
         self._context: warnings.catch_warnings | None = None
 
     def enter(self) -> None:
@@ -95,6 +104,10 @@ class ExpectedWarnings:
             )
         if self.skipped_steps:
             warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+        if self.exact_iterable_length:
+            warnings.filterwarnings(
+                "ignore", message=r"Your `IterableDataset` has `__len__` defined"
+            )
 
     def exit(self) -> None:
         if self._context is None:

@@ -151,6 +151,10 @@ class VisionDataModule(L.LightningDataModule):
     """
 
     num_classes: int = 0
+    # True when training streams an iterable data set whose ``__len__`` is exact per rank and
+    # worker (LitData splits the chunks itself): Lightning's warning that such a length
+    # "could be inaccurate" is then dropped during the fit.
+    exact_iterable_length: bool = False
 
     def __init__(
         self,

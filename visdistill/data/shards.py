@@ -519,6 +519,8 @@ class ShardsDataModule(TimmAugmentDataModule):
             :class:`~visdistill.data.base.VisionDataModule`'s (``labels``, ...).
     """
 
+    exact_iterable_length = True
+
     def __init__(
         self,
         train_dir: str,
