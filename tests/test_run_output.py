@@ -264,7 +264,9 @@ def test_expected_warnings_name_the_exact_count():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         expected.enter()
-        warnings.warn("Your `IterableDataset` has `__len__` defined. In combination", UserWarning)
+        warnings.warn(
+            "Your `IterableDataset` has `__len__` defined. In combination", UserWarning, 2
+        )
         warnings.warn("Found 12 module(s) in eval mode at the start", PossibleUserWarning, 2)
         warnings.warn("Found 13 module(s) in eval mode at the start", PossibleUserWarning, 2)
         warnings.warn("`training_step` returned `None`. If this was on purpose", UserWarning, 2)
