@@ -398,14 +398,9 @@ def _fashion_folder(root: Path, n: int) -> Path:
     from PIL import Image
     from skimage import data as photos
 
-    from visdistill import FashionMNISTDataModule
+    from visdistill.data.fashion_mnist_folder import write_fashion_mnist_folder
 
-    images, targets = FashionMNISTDataModule().load(train=True)
-    for i in range(n):
-        folder = root / str(int(targets[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(images[i, 0].numpy()).convert("RGB").resize((64, 64), Image.BICUBIC)
-        img.save(folder / f"{i:05d}.png")
+    write_fashion_mnist_folder(root, n, size=64)
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
     for j, name in enumerate(names):
         img = Image.fromarray(getattr(photos, name)()).convert("RGB").resize((64, 64))
