@@ -211,3 +211,42 @@ def test_sizes_object_refuses_without_a_module():
     assert module.student_sizes is None
     with pytest.raises(ConfigError, match="non-empty list"):
         StudentSizes([], 0, module.student, [])
+
+
+def test_checkpoints_record_the_training_options(tmp_path):
+    """student_sizes and the other plain training options are hyper-parameters: a checkpoint
+    says how it was trained and load_from_checkpoint rebuilds them."""
+    module = DistillationModule(
+        student=ModelConfig(**CNN_STUDENT),
+        teachers=[ModelConfig(**TEACHERS[0])],
+        terms=[AdaptorHeads(student_stage=-2, teacher_stage=-2, normalize="none")],
+        ce_weight=0.0,
+        student_sizes=SIZES,
+        student_sizes_seed=3,
+        channels_last=False,
+        compile={"mode": "reduce-overhead"},
+        nonfinite="raise",
+        teacher_cache=str(tmp_path / "cache"),
+    )
+    expected = {
+        "student_sizes": SIZES,
+        "student_sizes_seed": 3,
+        "channels_last": False,
+        "compile": {"mode": "reduce-overhead"},
+        "nonfinite": "raise",
+    }
+    assert {k: module.hparams[k] for k in expected} == expected
+    assert "teacher_cache" not in module.hparams  # a path on the training machine
+    path = tmp_path / "m.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    loaded = DistillationModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.student_sizes is not None and loaded.student_sizes.sizes == SIZES
+    assert (loaded.channels_last, loaded.compile_options) == (False, {"mode": "reduce-overhead"})
+    assert loaded.teacher_cache_dir is None

@@ -27,7 +27,7 @@ from .setup_checks import check_data, check_models, check_weight_providers
 from .teacher_scores import TeacherScores
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource, check_teacher_precision
 from .teachers import TeacherEnsemble, teacher_stages_requested
-from .terms.base import DistillTerm, TermOutput, as_term_output, term_from_config
+from .terms.base import DistillTerm, TermOutput, as_term_output, is_plain, term_from_config
 
 
 def _as_config(value: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -40,6 +40,7 @@ def _hyperparameters(
     terms: list[DistillTerm],
     ce_weight: float,
     label_smoothing: float,
+    **options: Any,
 ) -> dict[str, Any]:
     """What ``load_from_checkpoint`` rebuilds the module from, in plain types only
     (checkpoints must load with ``torch.load(weights_only=True)``)."""
@@ -53,6 +54,9 @@ def _hyperparameters(
     # Terms whose arguments are all plain values are rebuilt by load_from_checkpoint.
     if all(c is not None for c in term_configs):
         hparams["terms"] = term_configs
+    # The run's plain training options, so a checkpoint says how it was trained and
+    # load_from_checkpoint rebuilds them. Not teacher_cache: a path on the training machine.
+    hparams.update({k: v for k, v in options.items() if is_plain(v)})
     return hparams
 
 
@@ -147,7 +151,23 @@ class DistillationModule(L.LightningModule):
         teacher_cfgs = [_as_config(t) for t in teachers or []]
         terms = [term_from_config(t) for t in terms or []]
         self.save_hyperparameters(
-            _hyperparameters(student_cfg, teacher_cfgs, terms, ce_weight, label_smoothing)
+            _hyperparameters(
+                student_cfg,
+                teacher_cfgs,
+                terms,
+                ce_weight,
+                label_smoothing,
+                scheduler_interval=scheduler_interval,
+                eval_teachers=eval_teachers,
+                nonfinite=nonfinite,
+                nonfinite_max_consecutive=nonfinite_max_consecutive,
+                nonfinite_max_fraction=nonfinite_max_fraction,
+                teacher_precision=teacher_precision,
+                channels_last=channels_last,
+                compile=compile,
+                student_sizes=list(student_sizes) if student_sizes is not None else None,
+                student_sizes_seed=student_sizes_seed,
+            )
         )
         self.student = Backbone.from_config(student_cfg)
         self.teachers = TeacherEnsemble(teacher_cfgs) if teacher_cfgs else None

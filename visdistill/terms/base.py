@@ -259,13 +259,15 @@ def uniform_or(teacher_weights: Tensor | None, batch: int, n_teachers: int, like
     return teacher_weights.float()
 
 
-def _is_plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of plain types only (what a checkpoint's hyper-parameters
+    may hold to load with ``torch.load(weights_only=True)``)."""
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return all(is_plain(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
     return False
 
 
@@ -288,7 +290,7 @@ def _recorded_arguments(
             record[name] = os.fspath(value)
         elif isinstance(value, tuple):
             record[name] = list(value)
-    return record if _is_plain(record) else None
+    return record if is_plain(record) else None
 
 
 def _class_path(cls: type) -> str:
