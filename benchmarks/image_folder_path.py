@@ -305,9 +305,11 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         highs.append(r["max"] - r["median"])
     left.bar([n for n, _ in rows], values, yerr=[lows, highs], capsize=4,
              color=["#888888", "#2a7ab9", "#d9822b"])  # fmt: skip
-    left.axhline(report["fkd"]["fkd_epoch_over_vanilla"], ls="--", color="black", lw=1)
-    left.text(-0.45, report["fkd"]["fkd_epoch_over_vanilla"], "FKD / vanilla (ImageNet, GPU)",
-              fontsize=7, va="top", ha="left")  # fmt: skip
+    fkd = report["fkd"]["fkd_epoch_over_vanilla"]
+    label = f"FKD / vanilla epoch, ImageNet on GPUs (not this setup): {fkd:.2f}"
+    left.axhline(fkd, ls="--", color="black", lw=1, label=label)
+    left.set_ylim(0, 1.3 * max(v + h for v, h in zip(values, highs, strict=True)))
+    left.legend(loc="upper left", fontsize=7)
     for i, v in enumerate(values):
         left.text(i, v / 2, f"{v:.2f}x", ha="center", va="center", fontsize=9, color="white")
     left.set_ylabel("step time / student-only step (median of rounds)")

@@ -98,10 +98,11 @@ def test_image_folder_kd_smoke_runs_every_variant_and_seed(tmp_path, monkeypatch
             assert run["train_steps"] == 4  # 32 images, batch 8, 1 epoch
         assert _positive(runs["cached"]["build_s"]) and runs["cached"]["cache_bytes"] > 0
         assert "build_s" not in runs["live"]
-        # The exact cache: the cached fit trains on the live teachers' targets (fp16-rounded),
-        # so its KD loss after 4 steps matches the live fit's closely; no KD has no KD loss.
+        # The exact cache: the cached fit trains on the live teachers' targets (fp16-rounded).
+        # The loss parts are logged on the first step (then every log_every_n_steps): same
+        # student, same batch, so the KD losses agree to fp16 rounding; no KD has none.
         live, cached = runs["live"]["last_train_metrics"], runs["cached"]["last_train_metrics"]
-        assert cached["train/kd"] == pytest.approx(live["train/kd"], rel=0.02)
+        assert cached["train/kd"] == pytest.approx(live["train/kd"], rel=1e-3)
         assert "train/kd" not in runs["no_kd"]["last_train_metrics"]
         per_seed = report["summary"]["per_seed"][seed]
         assert per_seed["cached_minus_live_top1"] == pytest.approx(
