@@ -182,3 +182,38 @@ def test_16_bit_pngs_scale_by_their_bit_depth(tmp_path):
         value = 1000 if sample["target"] == dm.train_set.folder.class_to_idx["dark"] else 30000
         expected = round(value * 255 / 65535) / 255
         assert torch.allclose(sample["image"], torch.full((3, 8, 8), expected), atol=1e-6)
+
+
+def test_split_folders_are_labelled_by_the_training_folders_class_names(tmp_path):
+    """A test (or val) folder lacking a class keeps each class's training label: ImageFolder
+    alone numbers the folders it finds, which shifted every later class by one, silently."""
+    for c, colour in (("ant", (255, 0, 0)), ("bee", (0, 255, 0)), ("cat", (0, 0, 255))):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "train" / c / "0.png")
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "train" / c / "1.png")
+    for split in ("val", "test"):
+        for c, colour in (("ant", (255, 0, 0)), ("cat", (0, 0, 255))):  # no "bee"
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), colour).save(tmp_path / split / c / "0.png")
+    dm = ImageFolderDataModule(
+        train_dir=str(tmp_path / "train"),
+        val_dir=str(tmp_path / "val"),
+        test_dir=str(tmp_path / "test"),
+        image_size=8,
+        augment=False,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    for split in (dm.val_set, dm.test_set):
+        labels = {
+            int(split[i]["target"]): split[i]["image"][:, 4, 4].argmax().item() for i in (0, 1)
+        }
+        assert labels == {0: 0, 2: 2}  # ant -> 0 (red), cat -> 2 (blue), as in training
+
+    (tmp_path / "test" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "dog" / "0.png")
+    dm = ImageFolderDataModule(
+        train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"), image_size=8
+    )
+    with pytest.raises(DataNotFoundError, match="class folders the training folder lacks: dog"):
+        dm.setup("test")

@@ -130,6 +130,36 @@ def _flat_images(path: Path, role: str) -> list[Path] | None:
     return images
 
 
+def align_classes(folder: ImageFolder | FlatFolder, classes: list[str], role: str) -> None:
+    """Give ``folder``'s samples the label each class name has in the training folder
+    (``classes``). ImageFolder numbers the class folders it finds, so a test folder lacking
+    one class would shift every later label silently; a class the training folder lacks is
+    refused."""
+    if list(folder.classes) == list(classes):
+        return
+    if not folder.classes:
+        raise DataNotFoundError(
+            f"{role} {folder.root} has no class sub-folders, but the training folder is labelled "
+            f"({len(classes)} classes): put its images in class folders named as in training"
+        )
+    unknown = sorted(set(folder.classes) - set(classes))
+    if unknown:
+        raise DataNotFoundError(
+            f"{role} {folder.root} has class folders the training folder lacks: "
+            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; the model "
+            f"predicts only the training folder's {len(classes)} classes ({', '.join(classes[:5])}"
+            f"{' ...' if len(classes) > 5 else ''}). Rename or remove them"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    relabel = [index[name] for name in folder.classes]
+    folder.samples = [(path, relabel[target]) for path, target in folder.samples]
+    if hasattr(folder, "targets"):
+        folder.targets = [target for _, target in folder.samples]
+    if hasattr(folder, "imgs"):
+        folder.imgs = folder.samples
+    folder.classes, folder.class_to_idx = list(classes), index
+
+
 def open_folder(path: Path, role: str) -> ImageFolder | FlatFolder:
     """An :class:`ImageFolder` of ``<path>/<class>/<image>``, or a :class:`FlatFolder` of
     ``<path>/<image>`` (data without labels)."""
@@ -183,7 +213,8 @@ class ImageFolderDataModule(TimmAugmentDataModule):
         self.train_dir = Path(train_dir)
         self.val_dir = Path(val_dir) if val_dir else None
         self.test_dir = Path(test_dir) if test_dir else None
-        self.num_classes = len(open_folder(self.train_dir, "train_dir").classes)
+        self.classes = list(open_folder(self.train_dir, "train_dir").classes)
+        self.num_classes = len(self.classes)
 
     def _indexed(self, folder, indices: Tensor, train: bool) -> _IndexedFolder:
         transform = self._train_transform() if train else self._transform(False)
@@ -194,10 +225,8 @@ class ImageFolderDataModule(TimmAugmentDataModule):
             train = open_folder(self.train_dir, "train_dir")
             if self.val_dir is not None:
                 val = open_folder(self.val_dir, "val_dir")
-                if self.has_labels and val.classes != train.classes:
-                    raise DataNotFoundError(
-                        f"val_dir classes {val.classes} differ from train_dir classes {train.classes}"
-                    )
+                if self.has_labels:
+                    align_classes(val, train.classes, "val_dir")
                 if self.train_subset is not None:
                     warn_large_subset(self.train_subset, len(train))
                 train_idx = subset(len(train), self.train_subset, self.seed)
@@ -213,5 +242,7 @@ class ImageFolderDataModule(TimmAugmentDataModule):
             if self.test_dir is None:
                 raise DataNotFoundError("no test_dir configured (data.init_args.test_dir)")
             test = open_folder(self.test_dir, "test_dir")
+            if self.has_labels:
+                align_classes(test, self.classes, "test_dir")
             idx = subset(len(test), self.test_subset, self.seed)
             self.test_set = self._indexed(test, idx, train=False)
