@@ -183,3 +183,25 @@ def test_backbone_takes_a_model_config_or_its_fields_and_names_a_misspelt_one():
     assert Backbone(by_config.config, num_classes=5).num_classes == 5
     with pytest.raises(ConfigError, match=r"'num_clases' \(did you mean num_classes\?\)"):
         Backbone("resnet10t", num_clases=3)
+
+
+def test_stage_norm_applies_the_final_norm_to_stage_features(batch):
+    from visdistill.teachers import teacher_fingerprint
+
+    torch.manual_seed(0)
+    raw = Backbone(**VIT)
+    normed = Backbone(**VIT, stage_norm=True)
+    normed.load_state_dict(raw.state_dict())
+    with torch.no_grad():
+        # give the norm a visible effect (timm initialises it to the identity affine)
+        for m in (raw, normed):
+            m.model.norm.weight.fill_(2.0)
+            m.model.norm.bias.fill_(0.5)
+        a, b = raw(batch, stages=[0, -1]), normed(batch, stages=[0, -1])
+    for s in (0, -1):
+        expected = raw.model.norm(a.stages[s].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(b.stages[s], expected)
+        assert not torch.allclose(a.stages[s], b.stages[s])
+    torch.testing.assert_close(a.logits, b.logits)  # the head's input is normed either way
+    # other features, another fingerprint (caches keyed on it are not reused)
+    assert teacher_fingerprint([raw]) != teacher_fingerprint([normed])

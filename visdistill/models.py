@@ -14,6 +14,7 @@ MLP tokens are reshaped to their patch grid).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,11 @@ class ModelConfig:
             are noise; fine when only its features are used). Students always accept it.
         alias: a short name for logs, metric keys and summaries (``val/<alias>_acc``);
             default: :func:`short_name` of ``name``.
+        stage_norm: apply the model's final norm to the stage features it returns (timm's
+            ``forward_intermediates(norm=True)``): how foundation ViTs' patch features are
+            usually read (DINOv2's normalised patch tokens), and the targets RADIO-style
+            adaptor heads are trained on. Off: the raw block outputs. Models without a final
+            norm (most CNNs) return the same features either way.
     """
 
     name: str
@@ -153,6 +159,7 @@ class ModelConfig:
     allow_unverified: bool = False
     allow_new_head: bool = False
     alias: str | None = None
+    stage_norm: bool = False
 
 
 def model_config(name: str | ModelConfig, **fields: Any) -> ModelConfig:
@@ -370,6 +377,14 @@ class Backbone(nn.Module):
                 f"{self.name} has no forward_intermediates in timm, so its stage features "
                 "cannot be tapped; choose another architecture or request no stages"
             )
+        if (
+            self.config.stage_norm
+            and "norm" not in inspect.signature(self.model.forward_intermediates).parameters
+        ):
+            raise ConfigError(
+                f"{self.name}: stage_norm is set, but timm's forward_intermediates of "
+                f"{type(self.model).__name__} has no norm option; set stage_norm: false"
+            )
         n = len(self.feature_info)
         bad = [s for s in stages if not -n <= s < n]
         if bad:
@@ -408,7 +423,9 @@ class Backbone(nn.Module):
         if stages:
             n = len(self.feature_info)
             indices = sorted({s % n for s in stages})
-            kwargs = {"return_prefix_tokens": True} if prefix_tokens else {}
+            kwargs: dict[str, Any] = {"return_prefix_tokens": True} if prefix_tokens else {}
+            if self.config.stage_norm:
+                kwargs["norm"] = True
             final, inter = self.model.forward_intermediates(x, indices=indices, **kwargs)
             for s in stages:
                 feat = inter[indices.index(s % n)]

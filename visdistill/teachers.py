@@ -222,6 +222,8 @@ def teacher_fingerprint(teachers: Sequence[Backbone]) -> str:
     h = hashlib.sha256()
     for teacher in teachers:
         h.update(f"{teacher.name}|{teacher.input_spec}".encode())
+        if teacher.config.stage_norm:  # other features; off keeps earlier fingerprints
+            h.update(b"|stage_norm")
         for key, value in sorted(teacher.state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
