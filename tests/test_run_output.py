@@ -156,6 +156,10 @@ def test_progress_lines_every_n_steps_average_the_losses(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
+    class Probe(L.Callback):  # logs as KNNProbe does
+        def on_validation_epoch_end(self, trainer, pl_module):
+            pl_module.log("val/knn_top1", 0.6789)
+
     module = DistillationModule(
         student=ModelConfig("resnet10t", num_classes=10),
         teachers=[ModelConfig("resnet10t", num_classes=10)],
@@ -169,7 +173,7 @@ def test_progress_lines_every_n_steps_average_the_losses(tmp_path):
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[Bar(every_n_steps=2, every_minutes=None), Losses()],
+        callbacks=[Bar(every_n_steps=2, every_minutes=None), Losses(), Probe()],
     )
     trainer.fit(module, DigitsDataModule(batch_size=8))
     # Batches 2 and 4 inside the epoch, then the epoch's line after validation.
@@ -178,6 +182,7 @@ def test_progress_lines_every_n_steps_average_the_losses(tmp_path):
     shown = [float(re.search(r"loss (\S+)", line).group(1)) for line in lines]
     assert shown == pytest.approx(expected, rel=1e-3)
     assert "val/acc" in lines[-1] and "val/acc" not in lines[0]
+    assert "val/knn_top1 67.89 %" in lines[-1]  # the probes' scores, as percentages
 
 
 def test_progress_rejects_bad_intervals():
@@ -194,6 +199,7 @@ def test_formatting():
     assert format_metric("test/acc", 0.7750999927520752) == "77.51 %"
     assert format_metric("val/fmnist_resnet10t_acc", 0.9) == "90.00 %"
     assert format_metric("train/loss", 1.23456) == "1.235"
+    assert format_metric("val/linear_top1", 0.5) == "50.00 %"
     assert format_count(578_128, " ") == "578 k" and format_count(4.93e9) == "4.93G"
     assert format_count(999) == "999"
 

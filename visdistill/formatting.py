@@ -26,9 +26,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def is_accuracy(name: str) -> bool:
+    """Whether metric ``name`` is a fraction of correct answers (``val/acc``,
+    ``val/<teacher>_acc``, ``val/knn_top1``)."""
+    last = name.rsplit("/", 1)[-1]
+    return "acc" in last or last.endswith("top1")
+
+
 def format_metric(name: str, value: float) -> str:
-    """Accuracies (``*acc*``, stored as fractions) as percentages with 2 decimals; the rest
-    with 4 significant digits."""
-    if "acc" in name.rsplit("/", 1)[-1]:
+    """Accuracies (``*acc*``, and the probes' ``*top1``, stored as fractions) as percentages
+    with 2 decimals; the rest with 4 significant digits."""
+    if is_accuracy(name):
         return f"{100 * value:.2f} %"
     return f"{value:.4g}"

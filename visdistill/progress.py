@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from .errors import ConfigError
-from .formatting import format_duration, format_metric
+from .formatting import format_duration, format_metric, is_accuracy
 from .lightning_private import RICH_AVAILABLE as _RICH_AVAILABLE
 
 ProgressMode = Literal["auto", "bar", "lines"]
@@ -168,7 +168,8 @@ class LogLineProgressBar(ProgressBar):
         metrics = trainer.callback_metrics
         # Without accuracy (headless student, no labels) val/loss is what selects checkpoints.
         val = "val/acc" if "val/acc" in metrics or "val/loss" not in metrics else "val/loss"
-        keys = ["train/acc", val] if epoch_end else []
+        # The probe callbacks' scores (KNNProbe, LinearProbe), when a run logs them.
+        keys = ["train/acc", val, "val/knn_top1", "val/linear_top1"] if epoch_end else []
         for key in keys:
             if key in metrics:
                 parts.append(f"{key} {format_metric(key, float(metrics[key]))}")
@@ -214,8 +215,9 @@ def percent_accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        is_acc = "acc" in key.rsplit("/", 1)[-1]
-        out[key] = format_metric(key, value) if is_acc and isinstance(value, float) else value
+        out[key] = (
+            format_metric(key, value) if is_accuracy(key) and isinstance(value, float) else value
+        )
     return out
 
 
