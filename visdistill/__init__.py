@@ -29,6 +29,7 @@ from .module import DistillationModule
 from .probe_callbacks import KNNProbe, LinearProbe
 from .probes import knn_classify, linear_probe, probe_exported
 from .progress import LogLineProgressBar
+from .schedulers import WarmupCosineLR
 from .search import diswot_score
 from .summary import DistillationModelSummary, RunSummary
 from .teacher_source import CachedTeachers, LiveTeachers, TeacherSource
@@ -96,6 +97,7 @@ __all__ = [
     "UnknownModelError",
     "VisdistillError",
     "VisionDataModule",
+    "WarmupCosineLR",
     "cka_matrix",
     "convert_image_folder",
     "create_backbone",
