@@ -72,17 +72,20 @@ def test_cache_overwrite_replaces_only_the_caches_own_files(tmp_path):
     assert not list(tmp_path.glob(".cache.building*"))  # no temporary folder left
 
 
-def test_truncated_or_non_finite_cache_arrays_are_refused_on_open(tmp_path):
+def test_truncated_or_non_finite_cache_arrays_are_refused(tmp_path):
     """Before: a truncated array was numpy's "mmap length is greater than file size"
-    traceback at the first step, a NaN in it trained silently on NaN targets."""
+    traceback at the first step, a NaN in it trained silently on NaN targets. A truncated
+    file is refused on open; a NaN when it is read (opening reads no values)."""
     out = build_teacher_cache(_module(), _data(), tmp_path / "c", epochs=1, progress=False)
     TeacherCache.open(out)  # intact: accepted
     head = np.load(out / "e0000-s00000.head.npy", mmap_mode="r+")
     head["rest"][3, 0] = np.nan
     head.flush()
     del head
-    with pytest.raises(ConfigError, match=r"head\.npy holds 1 NaN/inf rest value\(s\)"):
-        TeacherCache.open(out)
+    cache = TeacherCache.open(out)
+    every = torch.from_numpy(np.flatnonzero(cache._slot_of(0) >= 0))
+    with pytest.raises(ConfigError, match=r"head\.npy hold\(s\) 1 NaN/inf rest value\(s\)"):
+        cache.lookup(0, every)
     logp = out / "e0000-s00000.head.npy"
     logp.write_bytes(logp.read_bytes()[:-100])
     with pytest.raises(ConfigError, match=r"head\.npy is truncated or damaged.*--overwrite"):

@@ -494,3 +494,27 @@ def test_augmentation_that_cannot_be_replayed_is_refused_with_the_fix(png_folder
     with pytest.raises(ConfigError, match="replay: false.*set data.init_args.replay: true"):
         build_teacher_cache(_module(), dm, tmp_path / "c", epochs=1, progress=False)
     assert not (tmp_path / "c").exists() and not (tmp_path / ".c.building").exists()
+
+
+def test_opening_reads_no_values_and_damaged_values_are_refused_where_read(tmp_path):
+    """Opening checks files, shapes and fields only (a full scan of every epoch's heads is
+    tens of gigabytes at ImageNet scale); a NaN log-probability or an out-of-range class is
+    refused by the lookup that reads it, naming the file."""
+    L.seed_everything(0)
+    out = build_teacher_cache(_module(), _digits(), tmp_path / "c", epochs=1, progress=False)
+    name = sorted(p.name for p in Path(out).glob("*head*"))[0]
+    head = np.load(Path(out) / name, mmap_mode="r+")
+    head["logp"][5, 0, 0] = np.nan
+    head["classes"][9, 0, 0] = 99
+    head.flush()
+    del head
+    cache = TeacherCache.open(out)  # no value read yet
+    epoch = torch.zeros((), dtype=torch.long)
+    slot_of = cache._slot_of(0)
+    by_slot = {int(slot): i for i, slot in enumerate(slot_of) if slot >= 0}
+    clean = torch.tensor([by_slot[s] for s in range(0, 4)])
+    assert cache.lookup(epoch, clean)[0].logits.isfinite().all()
+    with pytest.raises(ConfigError, match=rf"{name} hold\(s\) 1 NaN/inf logp value"):
+        cache.lookup(epoch, torch.tensor([by_slot[5]]))
+    with pytest.raises(ConfigError, match=rf"{name} hold\(s\) class 99, outside 0..9"):
+        cache.lookup(epoch, torch.tensor([by_slot[9]]))

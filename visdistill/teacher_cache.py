@@ -623,9 +623,10 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TeacherCache:
-        """Open the cache in ``path``: checks the manifest, every file's presence and shape,
-        and that the stored log-probabilities are finite and the classes in range (feature
-        values are checked as they are read)."""
+        """Open the cache in ``path``: checks the manifest and every file's presence, shape
+        and fields. Values (finite log-probabilities and features, classes in range) are
+        checked as they are read, so opening reads no data: at ImageNet scale the heads of
+        every epoch are tens of gigabytes."""
         path = Path(path)
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
@@ -646,12 +647,9 @@ class TeacherCache:
                 manifest["shard_slots"],
                 manifest["feature_shapes"],
                 manifest["logits_dtype"],
-            )
-            n_cls, k, k_cls = (
-                len(manifest["classifiers"]),
-                manifest["top_k"],
                 manifest["num_classes"],
             )
+            n_cls, k = len(manifest["classifiers"]), manifest["top_k"]
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
                 f"teacher cache {path}: {MANIFEST} is damaged ({type(e).__name__}: {e}); {_REBUILD}"
@@ -668,23 +666,27 @@ class TeacherCache:
                     )
                 for what, shape in manifest["feature_shapes"].items():
                     _load_array(path, _name(e, s, what), (rows, *shape))
-                if n_cls:
-                    for name in ("logp", "rest"):
-                        bad = int((~np.isfinite(head[name])).sum())
-                        if bad:
-                            raise ConfigError(
-                                f"teacher cache {path}: {_name(e, s, 'head')} holds {bad} "
-                                f"NaN/inf {name} value(s): the file is damaged or the teachers "
-                                f"gave non-finite outputs; {_REBUILD}"
-                            )
-                    classes = head["classes"]
-                    if classes.size and (classes.min() < 0 or classes.max() >= k_cls):
-                        raise ConfigError(
-                            f"teacher cache {path}: {_name(e, s, 'head')} holds class "
-                            f"{int(classes.min() if classes.min() < 0 else classes.max())}, "
-                            f"outside 0..{k_cls - 1}: the file is damaged; {_REBUILD}"
-                        )
         return cache
+
+    def _check_head(self, head: np.ndarray, ep: np.ndarray, shard: np.ndarray) -> None:
+        """Refuse log-probabilities that are not finite and classes out of range, naming the
+        files they were read from."""
+        files = sorted({_name(int(e), int(s), "head") for e, s in zip(ep, shard, strict=True)})
+        for name in ("logp", "rest"):
+            bad = int((~np.isfinite(head[name])).sum())
+            if bad:
+                raise ConfigError(
+                    f"teacher cache {self.path}: {', '.join(files)} hold(s) {bad} NaN/inf "
+                    f"{name} value(s): the file is damaged or the teachers gave non-finite "
+                    f"outputs; {_REBUILD}"
+                )
+        classes, k_cls = head["classes"], self.manifest["num_classes"]
+        if classes.size and (classes.min() < 0 or classes.max() >= k_cls):
+            raise ConfigError(
+                f"teacher cache {self.path}: {', '.join(files)} hold(s) class "
+                f"{int(classes.min() if classes.min() < 0 else classes.max())}, outside "
+                f"0..{k_cls - 1}: the file is damaged; {_REBUILD}"
+            )
 
     def _rows(self, shard: int) -> int:
         m = self.manifest
@@ -791,6 +793,7 @@ class TeacherCache:
                 )
         logits: dict[int, Tensor] = {}
         if n_cls:
+            self._check_head(head, ep, shard)
             logp = torch.from_numpy(head["logp"].astype(np.float32))
             classes = torch.from_numpy(head["classes"].astype(np.int64))
             rest = torch.from_numpy(head["rest"].astype(np.float32))
