@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n auto` runs one worker per core; torch's default (a thread per core in every
+    # worker) would oversubscribe them.
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _workers))
 
 # Tiny but real timm configurations, one per family, all at 32 px.
 CNN = dict(name="resnet10t", num_classes=10)

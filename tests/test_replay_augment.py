@@ -205,7 +205,17 @@ def _batches(dm, epochs=2):
     for e in range(epochs):
         loader.sampler.set_epoch(e)
         out += list(loader)
+    _stop_workers(loader)
     return out
+
+
+def _stop_workers(loader) -> None:
+    """Stop a loader's persistent workers now (Lightning does at the end of a fit): left to
+    a later garbage collection, their shutdown stalled another test file for 10-20 s."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _same(a, b):
