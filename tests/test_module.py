@@ -51,8 +51,10 @@ def test_data_student_class_mismatch(tmp_path):
 def test_kd_fit_learns_digits_and_leaves_teachers_untouched(tmp_path):
     torch.manual_seed(0)
     teacher_cfg = ModelConfig(**VIT)
+    # A half-width resnet10t student: the same fit in 13 s instead of 32 s (1 thread).
+    student = dict(CNN, model_kwargs=dict(channels=(16, 32, 64, 128), stem_width=16))
     module = DistillationModule(
-        student=ModelConfig(**CNN),
+        student=ModelConfig(**student),
         teachers=[teacher_cfg, ModelConfig(name="convnext_atto", num_classes=10)],
         terms=[KD(temperature=4.0, weight=0.5)],
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
@@ -67,7 +69,7 @@ def test_kd_fit_learns_digits_and_leaves_teachers_untouched(tmp_path):
     assert all(p.grad is None and not p.requires_grad for p in module.teachers.parameters())
     assert "train/kd" in trainer.logged_metrics and "val/ensemble_acc" in trainer.logged_metrics
     result = trainer.test(module, data, verbose=False)[0]
-    # 4 epochs on 1.4k digits: 0.72-0.93 across seeds (measured), chance is 0.1.
+    # 4 epochs on 1.4k digits: 0.88-0.93 for seeds 0-2 (measured 2026-12-06), chance is 0.1.
     assert result["test/acc"] > 0.6
     # Per-teacher metrics are keyed by the teachers' (short) names.
     assert module.teacher_names == ["vit_tiny_patch16_224", "convnext_atto"]
