@@ -120,14 +120,13 @@ class _StepRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("recipe", TIMM_RECIPES)
-def test_timm_teacher_recipe_trains_through_the_cli_at_reduced_size(recipe, tmp_path, monkeypatch):
-    config = _scaled(_recipe(recipe), tmp_path)
+def _fit(config: dict, tmp_path, monkeypatch) -> tuple[VisdistillCLI, _StepRecorder]:
+    """``visdistill fit`` on ``config`` through the command line's parser and classes
+    (visdistill.commands.lightning), with a recorder of the training steps' losses."""
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     recorder = _StepRecorder()
-    # The command line's parser and classes (visdistill.commands.lightning), plus the recorder.
     cli = VisdistillCLI(
         DistillationModule,
         VisionDataModule,
@@ -135,6 +134,13 @@ def test_timm_teacher_recipe_trains_through_the_cli_at_reduced_size(recipe, tmp_
         trainer_defaults={"callbacks": [recorder]},
         args=["fit", "--config", str(path)],
     )
+    return cli, recorder
+
+
+@pytest.mark.parametrize("recipe", TIMM_RECIPES)
+def test_timm_teacher_recipe_trains_through_the_cli_at_reduced_size(recipe, tmp_path, monkeypatch):
+    config = _scaled(_recipe(recipe), tmp_path)
+    cli, recorder = _fit(config, tmp_path, monkeypatch)
     module = cli.model
 
     # Three optimisation steps, finite losses; the student learnt, the teachers did not.
@@ -242,17 +248,7 @@ def test_timm_teacher_recipe_two_steps_at_full_resolution(recipe, tmp_path, monk
     config["model"]["terms"][0]["init_args"]["fit_samples"] = 2
     config["trainer"]["limit_train_batches"] = 2
     config["trainer"]["limit_val_batches"] = 1
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    recorder = _StepRecorder()
-    cli = VisdistillCLI(
-        DistillationModule,
-        VisionDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={"callbacks": [recorder]},
-        args=["fit", "--config", str(path)],
-    )
+    cli, recorder = _fit(config, tmp_path, monkeypatch)
     assert len(recorder.losses) == 2 and all(math.isfinite(v) for v in recorder.losses)
     grids = {
         t.alias: t.input_spec.size[0] // TEACHERS[t.alias]["patch"] for t in cli.model.teachers
