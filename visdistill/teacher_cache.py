@@ -671,19 +671,23 @@ class TeacherCache:
     def _check_head(self, head: np.ndarray, ep: np.ndarray, shard: np.ndarray) -> None:
         """Refuse log-probabilities that are not finite and classes out of range, naming the
         files they were read from."""
-        files = sorted({_name(int(e), int(s), "head") for e, s in zip(ep, shard, strict=True)})
+
+        def files() -> str:  # only on failure: this runs for every batch read
+            names = {_name(int(e), int(s), "head") for e, s in zip(ep, shard, strict=True)}
+            return ", ".join(sorted(names))
+
         for name in ("logp", "rest"):
             bad = int((~np.isfinite(head[name])).sum())
             if bad:
                 raise ConfigError(
-                    f"teacher cache {self.path}: {', '.join(files)} hold(s) {bad} NaN/inf "
+                    f"teacher cache {self.path}: {files()} hold(s) {bad} NaN/inf "
                     f"{name} value(s): the file is damaged or the teachers gave non-finite "
                     f"outputs; {_REBUILD}"
                 )
         classes, k_cls = head["classes"], self.manifest["num_classes"]
         if classes.size and (classes.min() < 0 or classes.max() >= k_cls):
             raise ConfigError(
-                f"teacher cache {self.path}: {', '.join(files)} hold(s) class "
+                f"teacher cache {self.path}: {files()} hold(s) class "
                 f"{int(classes.min() if classes.min() < 0 else classes.max())}, outside "
                 f"0..{k_cls - 1}: the file is damaged; {_REBUILD}"
             )

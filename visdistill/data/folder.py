@@ -217,7 +217,7 @@ class ImageFolderDataModule(TimmAugmentDataModule):
         self.num_classes = len(self.classes)
 
     def _indexed(self, folder, indices: Tensor, train: bool) -> _IndexedFolder:
-        transform = self._train_transform() if train else self._transform(False)
+        transform = self._train_transform() if train else self.eval_transform()
         return _IndexedFolder(folder, indices, transform, self.has_labels)
 
     def setup(self, stage: str | None = None) -> None:

@@ -191,9 +191,10 @@ class ND(DistillTerm):
         if cache is not None and cache.is_file():
             self.set_class_means(_load_means(cache, self.num_teachers))
             return
-        if not self.augmented:
-            loader = _without_augmentation(loader, trainer.datamodule)
-        loader = _rank_shard(loader, trainer.global_rank, trainer.world_size)
+        dataset = (
+            loader.dataset if self.augmented else _unaugmented(loader.dataset, trainer.datamodule)
+        )
+        loader = _rank_shard(loader, dataset, trainer.global_rank, trainer.world_size)
         # fast_dev_run / limit_train_batches shorten the means pass too (not cached then).
         limit = batch_limit(trainer.limit_train_batches, len(loader))
         if limit is not None and trainer.is_global_zero:
@@ -263,10 +264,9 @@ def class_means_key(
     return h.hexdigest()[:32]
 
 
-def _without_augmentation(loader: DataLoader, datamodule: Any) -> DataLoader:
-    """``loader`` over the same training images with the data module's evaluation transform
+def _unaugmented(dataset: Any, datamodule: Any) -> Any:
+    """``dataset`` with the data module's evaluation transform instead of its augmentation
     (an image folder's images still need decoding, resizing and cropping)."""
-    dataset = loader.dataset
     eval_transform = getattr(datamodule, "eval_transform", None)
     if not hasattr(dataset, "transform") or eval_transform is None:
         if getattr(datamodule, "augment", False):
@@ -276,19 +276,15 @@ def _without_augmentation(loader: DataLoader, datamodule: Any) -> DataLoader:
                 "would be taken on augmented images; set augmented: true, or give the class "
                 "means as class_means_file"
             )
-        return loader
+        return dataset
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform()
-    return DataLoader(
-        dataset,
-        batch_size=loader.batch_size or 256,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-    )
+    return dataset
 
 
-def _rank_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
-    dataset = loader.dataset
+def _rank_shard(loader: DataLoader, dataset: Any, rank: int, world: int) -> DataLoader:
+    """``dataset`` (the training loader's, or a copy) split between ranks, batched and
+    collated as ``loader``."""
     indices = list(range(rank, len(dataset), world))
     return DataLoader(
         Subset(dataset, indices),
