@@ -84,6 +84,7 @@ from image_folder_common import (
 from throughput import _Clock, _spread
 
 from visdistill.checkpoints import atomic_write
+from visdistill.fast_path import use_channels_last
 from visdistill.quiet import quiet_dependencies
 from visdistill.teacher_cache import TeacherCache, build_teacher_cache
 
@@ -199,6 +200,8 @@ class Bench:
         }
         self.teachers = distillation_module(teachers=True)
         self.teachers.teachers.eval()
+        # As the build and a live fit run them: channels_last (the module's default).
+        use_channels_last(self.teachers.teachers, torch.device("cpu"))
         for name, out in (("logits", self.logits_cache), ("features", self.features_cache)):
             info[name]["bytes_per_image_epoch"] = folder_bytes(out) / info[name]["images"]
             info[name]["feature_shapes"] = TeacherCache.open(out).manifest["feature_shapes"]

@@ -316,7 +316,8 @@ def test_ckpt_path_last_skips_empty_and_corrupted_checkpoints_and_says_why(one_r
     flipped.parent.mkdir(parents=True)
     empty.write_bytes(b"")
     ckpt = torch.load(good, weights_only=True)
-    ckpt["optimizer_states"][0]["state"][0]["exp_avg"].view(-1)[0] = 8e6  # a bit flip
+    moment = ckpt["optimizer_states"][0]["state"][0]["exp_avg"]  # may be channels_last
+    moment[(0,) * moment.ndim] = 8e6  # a bit flip
     torch.save(ckpt, flipped)
     now = time.time()
     os.utime(empty, (now + 10, now + 10))  # the newest

@@ -28,6 +28,15 @@ def _trainer(tmp_path, epochs=1, **kw):
     )
 
 
+class _MemoryFormats(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.during = {
+            p.is_contiguous(memory_format=torch.channels_last)
+            for p in module.parameters()
+            if p.ndim == 4 and p.shape[-1] > 1  # a 1x1 kernel is contiguous in both formats
+        }
+
+
 def test_teacher_class_count_mismatch_is_caught_at_construction():
     with pytest.raises(
         ConfigError, match="teachers predict 5 classes but the student resnet10t predicts 10"
@@ -61,8 +70,13 @@ def test_kd_fit_learns_digits_and_leaves_teachers_untouched(tmp_path):
     )
     before = {k: v.clone() for k, v in module.teachers.state_dict().items()}
     data = DigitsDataModule(batch_size=64, seed=0)
-    trainer = _trainer(tmp_path, epochs=4)
+    formats = _MemoryFormats()
+    trainer = _trainer(tmp_path, epochs=4, callbacks=[formats])
     trainer.fit(module, data)
+    # channels_last (the default) on CPU while fitting; the default format once done, so the
+    # trained model computes what its checkpoint and export compute.
+    assert formats.during == {True}
+    assert all(p.is_contiguous() for p in module.parameters())
     # Teachers: bit-identical weights and buffers (BatchNorm stats too), no gradients.
     for k, v in module.teachers.state_dict().items():
         assert torch.equal(v, before[k]), k

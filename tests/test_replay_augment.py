@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from visdistill.data.augment import timm_transform
 from visdistill.data.replay import EpochSampler, ReplayTransform, replay_entropy, replayed_rng
 from visdistill.errors import ConfigError
+from visdistill.loader_pass import stop_workers
 
 SIZE = 64
 # One entry per augmentation kind; each alone is random, so replaying it is a real check.
@@ -205,17 +206,8 @@ def _batches(dm, epochs=2):
     for e in range(epochs):
         loader.sampler.set_epoch(e)
         out += list(loader)
-    _stop_workers(loader)
+    stop_workers(loader)
     return out
-
-
-def _stop_workers(loader) -> None:
-    """Stop a loader's persistent workers now (Lightning does at the end of a fit): left to
-    a later garbage collection, their shutdown stalled another test file for 10-20 s."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()
-        loader._iterator = None
 
 
 def _same(a, b):

@@ -24,6 +24,7 @@ from visdistill.cli import lightning_main, main
 from visdistill.data.replay import EpochSampler, epoch_sampler
 from visdistill.data.resumable import ResumableDataLoader
 from visdistill.errors import CheckpointError
+from visdistill.loader_pass import stop_workers
 from visdistill.models import Backbone
 from visdistill.teacher_cache import build_teacher_cache
 from visdistill.terms import MEALV2, UNIC, MSTRouting
@@ -189,8 +190,7 @@ def test_loader_state_skips_the_batches_already_done(workers):
     again = list(fresh)  # the skip applies to the resumed epoch only
     assert len(again) == 5 and all(torch.equal(a, b) for a, b in zip(again, full, strict=True))
     for used in (loader, fresh):  # persistent workers: stop them now, not at a 20 s gc join
-        if getattr(used, "_iterator", None) is not None:
-            used._iterator._shutdown_workers()
+        stop_workers(used)
 
 
 def test_loader_state_from_other_data_is_refused():

@@ -17,7 +17,16 @@ import pytest
 import torch
 from conftest import CNN, VIT
 
-from visdistill import KD, TRG, ConfigError, DigitsDataModule, DistillationModule, ModelConfig
+from visdistill import (
+    KD,
+    TRG,
+    ConfigError,
+    DigitsDataModule,
+    DistillationModule,
+    ModelConfig,
+    teacher_cache,
+)
+from visdistill.fast_path import leave_fast_path, use_channels_last
 from visdistill.teacher_cache import TeacherCache, build_teacher_cache
 from visdistill.teacher_source import CachedTeachers
 from visdistill.teachers import TeacherEnsemble
@@ -79,6 +88,9 @@ def _worst_differences(module, dm, cache_dir, epochs, stages) -> tuple[float, fl
     cache = TeacherCache.open(cache_dir)
     loader = dm.train_dataloader()
     worst_logp, worst_feature, seen = 0.0, 0.0, 0
+    # The teachers in the memory format they have in a fit (and had in the build): in the
+    # other one, float32 rounding alone moves small features by several fp16 half-units.
+    use_channels_last(module.teachers, torch.device("cpu"), module.channels_last)
     for e in range(epochs):
         loader.sampler.set_epoch(e)
         for batch in loader:
@@ -99,6 +111,7 @@ def _worst_differences(module, dm, cache_dir, epochs, stages) -> tuple[float, fl
                     err = (have - want).abs() / (want.abs() * 2.0**-11 + 6e-8)
                     worst_feature = max(worst_feature, float(err.max()))
             seen += len(batch["index"])
+    leave_fast_path(module.teachers)
     return worst_logp, worst_feature, seen
 
 
@@ -268,6 +281,38 @@ def test_two_process_gloo_build_equals_the_one_process_build(tmp_path):
     # manifest + 2 epochs x 3 shards x (head, 2 pooled, 1 stage map)
     assert len(_hashes(one)) == 1 + 2 * 3 * 4
     assert _hashes(tmp_path / "two") == _hashes(one)
+
+
+def _failing_on_rank_1():
+    if torch.distributed.get_rank() == 1:
+
+        def full_disk(self, *args, **kwargs):
+            raise OSError(28, "No space left on device (simulated)")
+
+        teacher_cache._ShardWriter.run = full_disk
+    return _module(), _digits(**MIX), BUILD
+
+
+def test_a_failed_process_stops_every_process_of_a_sharded_build(tmp_path, capfd):
+    """Before: rank 0 waited for the failed rank 1 at the next barrier until the process
+    group's timeout (30 min for gloo) under any launcher that does not stop the others."""
+    ctx = multiprocessing.get_context("fork")
+    args = (str(tmp_path / "store"), str(tmp_path / "c"), _failing_on_rank_1)
+    procs = [ctx.Process(target=_rank_build, args=(r, 2, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, "a process waited for the failed one"
+    assert [p.exitcode for p in procs] == [1, 1]
+    err = capfd.readouterr().err
+    assert "No space left on device (simulated)" in err  # rank 1's own error
+    assert "failed in process(es) [1] while running the teachers" in err  # rank 0's
+    assert not (tmp_path / "c").exists()  # nothing half-built in the user's place
+    assert any((tmp_path / ".c.building").glob("e0000-s00000.head.npy"))  # rank 0's shard kept
 
 
 def _killed_build(out: str, n: int, make=None) -> None:

@@ -17,7 +17,7 @@ from .checkpoints import use_atomic_checkpoint_io
 from .data.base import data_has_labels
 from .data.mixing import hard_labels
 from .errors import ConfigError
-from .fast_path import apply_fast_path
+from .fast_path import compile_models, leave_fast_path, use_channels_last
 from .lightning_private import attached_trainer, logs_reach_loggers, repair_epoch_progress
 from .models import Backbone, ModelConfig, ModelOutput
 from .multi_resolution import StudentSizes
@@ -112,8 +112,9 @@ class DistillationModule(L.LightningModule):
             need a cache that holds them.
         teacher_precision: ``"auto"`` (bf16 autocast for the teachers on CUDA, fp32
             elsewhere), ``"bf16"`` (bf16 autocast on any device) or ``"32"``.
-        channels_last: on CUDA, put student and teachers in ``channels_last`` memory
-            format (faster convolutions on tensor cores).
+        channels_last: on CUDA and CPU, put student and teachers in ``channels_last``
+            memory format (faster convolutions: tensor cores on CUDA, oneDNN's NHWC kernels
+            on CPU).
         compile: ``torch.compile`` the student and each teacher in place when fit starts
             (``True``, or a dict of ``torch.compile`` kwargs such as ``{"mode":
             "max-autotune"}``); state-dict keys are unchanged, so checkpoints and exports
@@ -296,8 +297,10 @@ class DistillationModule(L.LightningModule):
         return "val/loss", "min"
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(attached_trainer(self), "datamodule", None)
-        self._labelled = data_has_labels(datamodule)
+        trainer = attached_trainer(self)
+        self._labelled = data_has_labels(getattr(trainer, "datamodule", None))
+        if stage == "fit" and trainer is not None:  # before DDP wraps the model: see there
+            use_channels_last(self, trainer.strategy.root_device, self.channels_last)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
@@ -530,9 +533,7 @@ class DistillationModule(L.LightningModule):
         self._expected_warnings.enter()
         use_atomic_checkpoint_io(self.trainer)  # .ckpt files: temp file beside, fsync, rename
         check_data(self, self.trainer.datamodule)
-        apply_fast_path(
-            self, self.device, self.student, self.teachers, self.channels_last, self.compile_options
-        )
+        compile_models(self.student, self.teachers, self.compile_options)
         if self.teacher_cache_dir is not None:
             self.train_teachers = CachedTeachers.open(
                 self.teacher_cache_dir,
@@ -551,6 +552,8 @@ class DistillationModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._leave_expected_warnings()
+        if stage == "fit":  # also after a failed fit
+            leave_fast_path(self)
 
     def _leave_expected_warnings(self) -> None:
         expected = getattr(self, "_expected_warnings", None)

@@ -42,7 +42,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,8 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import atomic_write, fsync_folder
 from .errors import ConfigError
-from .loader_pass import run_over_loader
+from .fast_path import leave_fast_path, use_channels_last
+from .loader_pass import run_over_loader, stop_workers
 from .models import ModelOutput
 from .teachers import teacher_fingerprint
 
@@ -189,9 +190,31 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
+def _all_ranks(step: Callable[[], None], what: str) -> None:
+    """Run ``step`` (on the ranks that call with a real step), then agree across ranks on
+    whether it failed: every rank raises when any did, so no process is left waiting for a
+    failed one at the next collective until the process-group timeout (a launcher other than
+    torchrun, such as ``srun`` or ``mp.spawn``, does not stop the others for it)."""
+    error: BaseException | None = None
+    try:
+        step()
+    except BaseException as exc:  # re-raised below, after the others heard of it
+        error = exc
+    rank, world = _dist()
+    if world > 1:
+        gpu = torch.distributed.get_backend() == "nccl"
+        flags = torch.zeros(world, device="cuda" if gpu else "cpu")
+        flags[rank] = error is not None
+        torch.distributed.all_reduce(flags)
+        failed = [r for r in range(world) if flags[r] > 0]
+        if failed and error is None:
+            raise ConfigError(
+                f"the cache build failed in process(es) {failed} while {what} (their error is "
+                "in their output); the complete shards are kept: run the same command again "
+                "to finish the build"
+            )
+    if error is not None:
+        raise error
 
 
 def _teacher_stages(module: Any, stages: Any) -> list[tuple[int, ...]]:
@@ -231,9 +254,12 @@ def build_teacher_cache(
     """Run the module's teachers over ``epochs`` epochs of the data module's training batches
     and store what the distillation terms read from them.
 
+    The teachers run as in a fit: eval mode, ``no_grad``, in ``channels_last`` memory format
+    when the module's ``channels_last`` is on (their default format again afterwards).
     Under ``torch.distributed`` (``torchrun --nproc_per_node N -m visdistill cache ...``)
     every rank builds its share of the shards; a killed build resumes from its completed
-    shards when run again with the same setup.
+    shards when run again with the same setup; a rank that fails makes every rank stop with
+    an error that names it.
 
     Args:
         module: a :class:`DistillationModule` with teachers.
@@ -339,9 +365,10 @@ def build_teacher_cache(
     }
     description = {**identity, **contents}
     building = out.parent / f".{out.name}.building"
-    if rank == 0:
-        _prepare_building(building, description)
-    _barrier()
+    _all_ranks(
+        lambda: _prepare_building(building, description) if rank == 0 else None,
+        "preparing the build folder",
+    )
     writer = _ShardWriter(building, plan, description, module, int(batch_size))
     todo = [
         (e, s)
@@ -349,26 +376,49 @@ def build_teacher_cache(
         for s in range(plan.shards)
         if (e * plan.shards + s) % world == rank and not (building / _name(e, s, "head")).exists()
     ]
-    writer.run(loader, todo, progress and rank == 0)
-    _barrier()
-    if rank == 0:
-        missing = [
-            _name(e, s, "head")
-            for e in range(epochs)
-            for s in range(plan.shards)
-            if not (building / _name(e, s, "head")).exists()
-        ]
-        if missing:
-            raise ConfigError(
-                f"the cache build in {building} lacks {len(missing)} shard(s) ({missing[0]} ...): "
-                "a process of the build failed; run the same command again to finish it"
-            )
-        description["feature_shapes"] = _feature_shapes(building)
-        atomic_write(building / MANIFEST, lambda p: Path(p).write_text(_dumps(description)))
-        (building / BUILD_FILE).unlink()
-        _move_into_place(building, out, overwrite)
-    _barrier()
+    teachers_at = next(module.teachers.parameters()).device
+    channels_last = getattr(module, "channels_last", False)
+    use_channels_last(module.teachers, teachers_at, channels_last)  # as in a fit
+    try:
+        _all_ranks(lambda: writer.run(loader, todo, progress and rank == 0), "running the teachers")
+    finally:
+        stop_workers(loader)  # the loader is this build's own: nothing iterates it again
+        leave_fast_path(module.teachers)
+    _all_ranks(
+        lambda: (
+            _finish_build(building, out, description, epochs, plan, overwrite)
+            if rank == 0
+            else None
+        ),
+        "finishing the build",
+    )
     return out
+
+
+def _finish_build(
+    building: Path,
+    out: Path,
+    description: dict[str, Any],
+    epochs: int,
+    plan: _Plan,
+    overwrite: bool,
+) -> None:
+    """Check that every shard is there, write the manifest and move the cache into place."""
+    missing = [
+        _name(e, s, "head")
+        for e in range(epochs)
+        for s in range(plan.shards)
+        if not (building / _name(e, s, "head")).exists()
+    ]
+    if missing:
+        raise ConfigError(
+            f"the cache build in {building} lacks {len(missing)} shard(s) ({missing[0]} ...): "
+            "a process of the build failed; run the same command again to finish it"
+        )
+    description["feature_shapes"] = _feature_shapes(building)
+    atomic_write(building / MANIFEST, lambda p: Path(p).write_text(_dumps(description)))
+    (building / BUILD_FILE).unlink()
+    _move_into_place(building, out, overwrite)
 
 
 def _dumps(value: Any) -> str:
