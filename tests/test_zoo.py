@@ -10,6 +10,7 @@ from conftest import CNN
 
 from visdistill import (
     CheckpointError,
+    ConfigError,
     DigitsDataModule,
     DistillationModule,
     ModelConfig,
@@ -108,6 +109,48 @@ def test_file_url_downloads_through_the_cache_and_is_verified(tmp_path, local_zo
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), shipped.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.parametrize("stage", ["headers", "body"])
+def test_a_stalled_download_fails_after_the_timeout_and_leaves_nothing(
+    tmp_path, local_zoo, monkeypatch, stage
+):
+    """Before: torch's downloader waited for ever on a server that stopped sending."""
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port, done = server.getsockname()[1], threading.Event()
+
+    def serve():  # answers (or not), then goes silent without closing
+        conn, _ = server.accept()
+        conn.recv(4096)
+        if stage == "body":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        done.wait(30)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    _manifest(
+        local_zoo, "stalled", f"  url: http://127.0.0.1:{port}/w.safetensors\n  sha256: '{ZEROS}'\n"
+    )
+    monkeypatch.setenv("VISDISTILL_DOWNLOAD_TIMEOUT", "1")
+    start = time.perf_counter()
+    try:
+        with pytest.raises(
+            CheckpointError, match="sent nothing for 1 s.*VISDISTILL_DOWNLOAD_TIMEOUT"
+        ):
+            zoo.weights_path("stalled", progress=False)
+    finally:
+        done.set()
+        server.close()
+    assert time.perf_counter() - start < 10
+    assert socket.getdefaulttimeout() is None  # restored
+    assert list((tmp_path / "cache" / "zoo" / "stalled").iterdir()) == []
+    monkeypatch.setenv("VISDISTILL_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="VISDISTILL_DOWNLOAD_TIMEOUT must be a number"):
+        zoo.weights_path("stalled", progress=False)
 
 
 def test_bad_download_is_deleted(tmp_path, local_zoo):
@@ -237,7 +280,6 @@ def test_ordered_key_map_entry_loads_headless():
 
 
 def test_a_frozen_teacher_with_a_new_classifier_is_refused_unless_allowed():
-    from visdistill import ConfigError
 
     student = ModelConfig(name="resnet10t", num_classes=5)
     teacher = dict(name="zoo:fmnist_resnet10t", num_classes=5)

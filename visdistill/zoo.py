@@ -29,10 +29,13 @@ folders), the installed wheel (``visdistill/_zoo/``) and a source checkout
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
+import socket
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -232,16 +235,53 @@ def _download_target(entry: ZooEntry) -> Path:
     return cache_dir() / entry.name / name
 
 
+# Seconds a download may wait for the server (to connect, or for its next bytes) before it
+# fails; a slow but moving download is not limited.
+DOWNLOAD_TIMEOUT_ENV = "VISDISTILL_DOWNLOAD_TIMEOUT"
+DEFAULT_DOWNLOAD_TIMEOUT = 60.0
+
+
+@contextlib.contextmanager
+def _stall_timeout(seconds: float) -> Iterator[None]:
+    """torch's downloader opens its connection without a timeout, so a server that stops
+    answering hangs it for ever; the socket default applies to that connection. It is
+    process-wide, hence set only for the download and restored after."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def download_timeout() -> float:
+    """The stall timeout of zoo downloads: ``$VISDISTILL_DOWNLOAD_TIMEOUT`` seconds, default 60."""
+    raw = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_DOWNLOAD_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{DOWNLOAD_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 def _download(entry: ZooEntry, dest: Path, progress: bool) -> None:
     """Fetch ``entry``'s URL to ``dest`` with torch's downloader: it writes a temporary file
     beside ``dest`` and moves it into place only after the sha256 matched (a bad download is
-    never placed; without a published sha256 the caller allowed unverified weights)."""
+    never placed; without a published sha256 the caller allowed unverified weights). A server
+    silent for :func:`download_timeout` seconds fails the download."""
     url, expected = entry.weights.url, entry.weights.sha256
     dest.parent.mkdir(parents=True, exist_ok=True)
+    timeout = download_timeout()
     try:
-        torch.hub.download_url_to_file(
-            url, str(dest), hash_prefix=expected.lower() if expected else None, progress=progress
-        )
+        with _stall_timeout(timeout):
+            torch.hub.download_url_to_file(
+                url,
+                str(dest),
+                hash_prefix=expected.lower() if expected else None,
+                progress=progress,
+            )
     except RuntimeError as e:
         if "invalid hash value" not in str(e):
             raise
@@ -251,7 +291,14 @@ def _download(entry: ZooEntry, dest: Path, progress: bool) -> None:
             "sha256 is wrong"
         ) from None
     except OSError as e:
-        raise CheckpointError(f"could not download {url}: {e}") from e
+        if not isinstance(e, TimeoutError) and not isinstance(
+            getattr(e, "reason", None), TimeoutError
+        ):
+            raise CheckpointError(f"could not download {url}: {e}") from e
+        raise CheckpointError(
+            f"could not download {url}: the server sent nothing for {timeout:g} s ({e}); "
+            f"try again later, or allow longer with {DOWNLOAD_TIMEOUT_ENV}=<seconds>"
+        ) from e
 
 
 def weights_path(
