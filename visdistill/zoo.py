@@ -358,12 +358,10 @@ def map_keys_in_order(
     state: dict[str, torch.Tensor],
     model: nn.Module,
     source: str = "state dict",
-    any_shape: list[str] | tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Rename ``state``'s tensors, in order, to ``model``'s keys (``num_batches_tracked``
     dropped on both sides), checking every shape: for checkpoints of the same network
-    saved under another implementation's names. Shapes under the module prefixes in
-    ``any_shape`` (a classifier about to be replaced) are not checked."""
+    saved under another implementation's names. ``model`` may be on the meta device."""
     src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
@@ -373,7 +371,7 @@ def map_keys_in_order(
         )
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-        if sv.shape != dv.shape and not any(dk.startswith(h + ".") for h in any_shape):
+        if sv.shape != dv.shape:
             raise CheckpointError(
                 f"{source}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)} "
                 "when mapping keys in order"
