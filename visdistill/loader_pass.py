@@ -20,13 +20,14 @@ T = TypeVar("T")
 Batch = dict[str, Any]
 
 
-def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
-    """``loader``'s dataset cut to every ``world_size``-th sample from ``rank`` (no padding:
-    the ranks' shares together are the data set exactly once), in a new loader with the
-    same batch size, workers and collate function; in order, unshuffled."""
+def shard_loader(loader: DataLoader, rank: int, world_size: int, dataset: Any = None) -> DataLoader:
+    """``loader``'s dataset (or ``dataset``, e.g. a copy of it with another transform) cut to
+    every ``world_size``-th sample from ``rank`` (no padding: the ranks' shares together are
+    the data set exactly once), in a new loader with ``loader``'s batch size, workers and
+    collate function; in order, unshuffled."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    dataset = loader.dataset
+    dataset = loader.dataset if dataset is None else dataset
     return DataLoader(
         Subset(dataset, list(range(rank, len(dataset), world_size))),
         batch_size=loader.batch_size or 256,

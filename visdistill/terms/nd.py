@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..checkpoints import atomic_write
 from ..errors import CheckpointError, ConfigError
-from ..loader_pass import batch_limit, run_over_loader, training_loader
+from ..loader_pass import batch_limit, run_over_loader, shard_loader, training_loader
 from ..losses.multi_teacher import teacher_weighted_mean
 from ..losses.nd import nd_loss
 from ..models import Backbone, ModelOutput
@@ -194,7 +194,7 @@ class ND(DistillTerm):
         dataset = (
             loader.dataset if self.augmented else _unaugmented(loader.dataset, trainer.datamodule)
         )
-        loader = _rank_shard(loader, dataset, trainer.global_rank, trainer.world_size)
+        loader = shard_loader(loader, trainer.global_rank, trainer.world_size, dataset)
         # fast_dev_run / limit_train_batches shorten the means pass too (not cached then).
         limit = batch_limit(trainer.limit_train_batches, len(loader))
         if limit is not None and trainer.is_global_zero:
@@ -280,18 +280,6 @@ def _unaugmented(dataset: Any, datamodule: Any) -> Any:
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform()
     return dataset
-
-
-def _rank_shard(loader: DataLoader, dataset: Any, rank: int, world: int) -> DataLoader:
-    """``dataset`` (the training loader's, or a copy) split between ranks, batched and
-    collated as ``loader``."""
-    indices = list(range(rank, len(dataset), world))
-    return DataLoader(
-        Subset(dataset, indices),
-        batch_size=loader.batch_size or 256,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-    )
 
 
 def _load_means(path: Path, n_teachers: int) -> list[Tensor]:
